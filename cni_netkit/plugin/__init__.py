@@ -1,0 +1,1 @@
+"""What each CNI command does: ADD, DEL, CHECK, STATUS, GC (VERSION lives in ``cni``)."""

@@ -1,0 +1,129 @@
+"""Attachments: what one successful ADD made, persisted so DEL, GC and the agent can find it.
+
+The kernel stays the source of truth for leases (``queue-get`` on the master);
+these records say *whose* they are (container id, ifname, pod) and where the
+netkit lives (netns path), which the kernel cannot tell us from the host side.
+One JSON file per attachment, written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The interface alias that marks a netkit as ours; the owner is readable from
+# the device itself (``ip link show`` prints it), so GC and DEL never touch a
+# device someone else made.
+ALIAS_PREFIX = "cni-netkit"
+
+
+def owner_alias(container_id: str, ifname: str) -> str:
+    return f"{ALIAS_PREFIX} {container_id} {ifname}"
+
+
+def parse_owner_alias(alias: str | None) -> tuple[str, str] | None:
+    """(container id, ifname) from an alias we wrote, else None."""
+    if not alias:
+        return None
+    parts = alias.split(" ")
+    if len(parts) != 3 or parts[0] != ALIAS_PREFIX:
+        return None
+    return parts[1], parts[2]
+
+
+@dataclass(frozen=True)
+class LeasedQueue:
+    netkit_queue: int  # queue id on the netkit (1, 2, ...)
+    master_queue: int  # the physical RX queue it proxies
+
+
+@dataclass(frozen=True)
+class Attachment:
+    container_id: str
+    ifname: str
+    netns: str
+    network: str  # the CNI network name
+    master: str
+    pairing: str
+    mode: str
+    mac: str | None
+    mtu: int | None
+    queues: tuple[LeasedQueue, ...]
+    host_ifname: str | None = None  # pair mode: the primary side in the host netns
+    pod_namespace: str | None = None
+    pod_name: str | None = None
+    device_info_file: str | None = None
+    ipam: dict[str, Any] | None = None  # the delegated IPAM result, to release on DEL
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return attachment_key(self.container_id, self.ifname)
+
+    @property
+    def qemu_netdev(self) -> str:
+        """The QEMU ``-netdev af-xdp`` arguments for this attachment's queues."""
+        first = min(q.netkit_queue for q in self.queues) if self.queues else 1
+        return f"ifname={self.ifname},queues={len(self.queues)},start-queue={first}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Attachment:
+        data = dict(data)
+        data["queues"] = tuple(LeasedQueue(**q) for q in data.get("queues", ()))
+        return cls(**data)
+
+
+def attachment_key(container_id: str, ifname: str) -> str:
+    # Both are validated upstream (no '/', no '..'); the key is a file name.
+    return f"{container_id}-{ifname}"
+
+
+class StateStore:
+    """Attachment records under ``<state_dir>/attachments``."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(state_dir)
+        self.dir = self.root / "attachments"
+
+    def path(self, container_id: str, ifname: str) -> Path:
+        return self.dir / f"{attachment_key(container_id, ifname)}.json"
+
+    def save(self, att: Attachment) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        final = self.path(att.container_id, att.ifname)
+        tmp = final.with_suffix(f".tmp.{os.getpid()}")
+        with tmp.open("w") as f:
+            json.dump(att.to_json(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(final)
+
+    def load(self, container_id: str, ifname: str) -> Attachment | None:
+        try:
+            data = json.loads(self.path(container_id, ifname).read_text())
+        except FileNotFoundError:
+            return None
+        return Attachment.from_json(data)
+
+    def remove(self, container_id: str, ifname: str) -> bool:
+        try:
+            self.path(container_id, ifname).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[Attachment]:
+        if not self.dir.is_dir():
+            return
+        for p in sorted(self.dir.glob("*.json")):
+            try:
+                yield Attachment.from_json(json.loads(p.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue  # a torn or foreign file is not an attachment
