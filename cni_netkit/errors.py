@@ -106,6 +106,12 @@ class IPAMFailure(NetkitError):
     code = 103
 
 
+class MasterNotFound(NetkitError):
+    """The configured master NIC does not exist in the host netns."""
+
+    code = 104
+
+
 # --- kernel errors: raised by cni_netkit.kernel, `from` the netlink error ---
 
 

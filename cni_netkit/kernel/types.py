@@ -193,6 +193,22 @@ class KernelAPI(Protocol):
         """
         ...
 
+    def add_address(self, index: int, cidr: str, *, netns: str | None = None) -> None:
+        """Add an IPv4/IPv6 address (``10.1.2.3/24``) to a link; EEXIST is not an error."""
+        ...
+
+    def add_route(
+        self,
+        dst: str,
+        *,
+        oif: int,
+        gateway: str | None = None,
+        netns: str | None = None,
+        scope_link: bool = False,
+    ) -> None:
+        """Add a route (``0.0.0.0/0``, ``10.1.0.0/16``) out of ``oif``; EEXIST is not an error."""
+        ...
+
     def netns_id(self, target: str | None, *, netns: str | None = None) -> int | None:
         """The nsid of netns ``target`` as seen from ``netns``, or None if unassigned."""
         ...

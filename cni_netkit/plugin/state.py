@@ -21,18 +21,34 @@ from typing import Any
 ALIAS_PREFIX = "cni-netkit"
 
 
-def owner_alias(container_id: str, ifname: str) -> str:
-    return f"{ALIAS_PREFIX} {container_id} {ifname}"
+@dataclass(frozen=True)
+class Owner:
+    """Who a netkit belongs to: one (network, container id, ifname) attachment.
 
+    The network name is part of it because GC's valid-attachment list is per
+    network: a GC of network A must not remove network B's device of the same
+    container.
+    """
 
-def parse_owner_alias(alias: str | None) -> tuple[str, str] | None:
-    """(container id, ifname) from an alias we wrote, else None."""
-    if not alias:
-        return None
-    parts = alias.split(" ")
-    if len(parts) != 3 or parts[0] != ALIAS_PREFIX:
-        return None
-    return parts[1], parts[2]
+    network: str
+    container_id: str
+    ifname: str
+
+    @property
+    def alias(self) -> str:
+        # None of the three can hold a space: CNI network names, container ids
+        # and ifnames are validated before we get here.
+        return f"{ALIAS_PREFIX} {self.network} {self.container_id} {self.ifname}"
+
+    @classmethod
+    def from_alias(cls, alias: str | None) -> Owner | None:
+        """The owner recorded in an alias we wrote, else None (not ours)."""
+        if not alias:
+            return None
+        parts = alias.split(" ")
+        if len(parts) != 4 or parts[0] != ALIAS_PREFIX:
+            return None
+        return cls(parts[1], parts[2], parts[3])
 
 
 @dataclass(frozen=True)
@@ -62,7 +78,11 @@ class Attachment:
 
     @property
     def key(self) -> str:
-        return attachment_key(self.container_id, self.ifname)
+        return attachment_key(self.network, self.container_id, self.ifname)
+
+    @property
+    def owner(self) -> Owner:
+        return Owner(self.network, self.container_id, self.ifname)
 
     @property
     def qemu_netdev(self) -> str:
@@ -80,9 +100,9 @@ class Attachment:
         return cls(**data)
 
 
-def attachment_key(container_id: str, ifname: str) -> str:
-    # Both are validated upstream (no '/', no '..'); the key is a file name.
-    return f"{container_id}-{ifname}"
+def attachment_key(network: str, container_id: str, ifname: str) -> str:
+    # All three are validated upstream (no '/', no '..'): the key is a file name.
+    return f"{network}_{container_id}_{ifname}"
 
 
 class StateStore:
@@ -92,12 +112,12 @@ class StateStore:
         self.root = Path(state_dir)
         self.dir = self.root / "attachments"
 
-    def path(self, container_id: str, ifname: str) -> Path:
-        return self.dir / f"{attachment_key(container_id, ifname)}.json"
+    def path(self, owner: Owner) -> Path:
+        return self.dir / f"{attachment_key(owner.network, owner.container_id, owner.ifname)}.json"
 
     def save(self, att: Attachment) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        final = self.path(att.container_id, att.ifname)
+        final = self.path(att.owner)
         tmp = final.with_suffix(f".tmp.{os.getpid()}")
         with tmp.open("w") as f:
             json.dump(att.to_json(), f)
@@ -105,16 +125,16 @@ class StateStore:
             os.fsync(f.fileno())
         tmp.replace(final)
 
-    def load(self, container_id: str, ifname: str) -> Attachment | None:
+    def load(self, owner: Owner) -> Attachment | None:
         try:
-            data = json.loads(self.path(container_id, ifname).read_text())
+            data = json.loads(self.path(owner).read_text())
         except FileNotFoundError:
             return None
         return Attachment.from_json(data)
 
-    def remove(self, container_id: str, ifname: str) -> bool:
+    def remove(self, owner: Owner) -> bool:
         try:
-            self.path(container_id, ifname).unlink()
+            self.path(owner).unlink()
         except FileNotFoundError:
             return False
         return True
