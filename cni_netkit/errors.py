@@ -30,7 +30,15 @@ class NetkitError(Exception):
 
 
 class IncompatibleVersion(NetkitError):
+    """The request's ``cniVersion`` is not one of ``SUPPORTED_VERSIONS``."""
+
     code = 1
+
+
+# The CNI spec versions we speak, oldest first. Here, in the bottom layer,
+# because the config parser, the result encoder and the entry point (which
+# answers VERSION without importing either) all need this one list.
+SUPPORTED_VERSIONS: tuple[str, ...] = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 
 
 class UnsupportedField(NetkitError):
