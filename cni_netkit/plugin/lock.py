@@ -22,7 +22,10 @@ _POLL_INTERVAL = 0.005
 
 @contextmanager
 def master_lock(state_dir: str, master: str, timeout: float) -> Iterator[None]:
-    """Hold ``<state_dir>/locks/<master>.lock`` exclusively; TryAgainLater (11) after ``timeout``."""
+    """Hold ``<state_dir>/locks/<master>.lock`` exclusively.
+
+    Raises TryAgainLater (code 11) after ``timeout`` seconds.
+    """
     lock_dir = Path(state_dir) / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(lock_dir / f"{master}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

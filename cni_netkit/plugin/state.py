@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cni_netkit.result import NetkitQueue, NetkitResult
+
 # The interface alias that marks a netkit as ours; the owner is readable from
 # the device itself (``ip link show`` prints it), so GC and DEL never touch a
 # device someone else made.
@@ -69,6 +71,7 @@ class Attachment:
     mac: str | None
     mtu: int | None
     queues: tuple[LeasedQueue, ...]
+    netkit_ifindex: int | None = None  # in its netns; what queue-get's lease names
     host_ifname: str | None = None  # pair mode: the primary side in the host netns
     pod_namespace: str | None = None
     pod_name: str | None = None
@@ -85,10 +88,20 @@ class Attachment:
         return Owner(self.network, self.container_id, self.ifname)
 
     @property
+    def netkit(self) -> NetkitResult:
+        """Our result extension (and device-info payload) for this attachment."""
+        return NetkitResult(
+            master=self.master,
+            pairing=self.pairing,
+            mode=self.mode,
+            interface=self.ifname,
+            queues=tuple(NetkitQueue(q.netkit_queue, q.master_queue) for q in self.queues),
+        )
+
+    @property
     def qemu_netdev(self) -> str:
         """The QEMU ``-netdev af-xdp`` arguments for this attachment's queues."""
-        first = min(q.netkit_queue for q in self.queues) if self.queues else 1
-        return f"ifname={self.ifname},queues={len(self.queues)},start-queue={first}"
+        return self.netkit.qemu_netdev
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,7 +11,9 @@ from collections.abc import Collection, Sequence
 from cni_netkit.errors import PoolExhausted
 
 
-def free_queues(pool: Sequence[int], existing: Collection[int], in_use: Collection[int]) -> list[int]:
+def free_queues(
+    pool: Sequence[int], existing: Collection[int], in_use: Collection[int]
+) -> list[int]:
     """Pool queues that exist on the master and nobody holds, ascending.
 
     ``existing``: RX queue ids the master has now (a pool entry beyond its

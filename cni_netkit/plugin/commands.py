@@ -1,0 +1,610 @@
+"""ADD, DEL, CHECK, STATUS and GC: what cni-netkit does for each CNI command.
+
+Reads top to bottom like the reference plugins: ``run`` picks the command;
+each command is a short sequence of verb-named steps. ADD is a transaction:
+every step pushes its undo onto an ``ExitStack`` right after it succeeds, and
+``pop_all()`` keeps the work only once everything succeeded. DEL and GC treat
+"already gone" as success and never touch a device whose owner alias is not
+exactly theirs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from cni_netkit.config import Invocation, NetConf
+from cni_netkit.errors import (
+    CheckFailed,
+    Degraded,
+    InterfaceExists,
+    InvalidConfig,
+    InvalidNetns,
+    KernelError,
+    MasterNotFound,
+    NetkitError,
+    NotAvailable,
+    NotFound,
+    QueueBusy,
+)
+from cni_netkit.kernel.types import KernelAPI, Link, NetkitSpec, PeerSpec, Queue
+from cni_netkit.plugin import deviceinfo, ipam
+from cni_netkit.plugin.lock import master_lock
+from cni_netkit.plugin.state import Attachment, LeasedQueue, Owner, StateStore
+from cni_netkit.pool import choose, format_pool, free_queues
+from cni_netkit.result import Interface, IPConfig, Result
+
+log = structlog.get_logger("cni_netkit.plugin")
+
+# How often ADD re-reads the master and picks again when a queue it chose was
+# leased by someone outside our lock (a foreign control plane) in between.
+_LEASE_ATTEMPTS = 3
+
+
+def run(inv: Invocation, kernel: KernelAPI | None = None) -> Result | None:
+    """Execute one CNI command (VERSION is answered by the protocol layer)."""
+    handlers: dict[str, Callable[[Invocation, KernelAPI], Result | None]] = {
+        "ADD": add,
+        "DEL": delete,
+        "CHECK": check,
+        "STATUS": status,
+        "GC": gc,
+    }
+    handler = handlers[inv.command]
+    if kernel is not None:
+        return handler(inv, kernel)
+    from cni_netkit.kernel import Kernel  # noqa: PLC0415 - netlink only once a command needs it
+
+    with Kernel() as real:
+        return handler(inv, real)
+
+
+# --- ADD -----------------------------------------------------------------------
+
+
+def add(inv: Invocation, kernel: KernelAPI) -> Result:
+    cfg = inv.config
+    netns, ifname = _require(inv.netns, "CNI_NETNS"), _require(inv.ifname, "CNI_IFNAME")
+    owner = _owner(inv)
+    kernel.check_netns(netns)
+    if kernel.link(ifname, netns=netns) is not None:
+        raise InterfaceExists(f"interface {ifname} already exists in netns {netns}")
+    master = _master(kernel, cfg.master)
+    store = StateStore(cfg.state_dir)
+    att = Attachment(
+        container_id=owner.container_id,
+        ifname=ifname,
+        netns=netns,
+        network=cfg.name,
+        master=cfg.master,
+        pairing=cfg.pairing,
+        mode=cfg.mode,
+        mac=inv.mac,
+        mtu=cfg.mtu,
+        queues=(),
+        host_ifname=host_ifname(owner) if cfg.pairing == "pair" else None,
+        pod_namespace=inv.pod_namespace,
+        pod_name=inv.pod_name,
+        device_info_file=cfg.runtime_config.cni_device_info_file,
+    )
+    with ExitStack() as undo:
+        with master_lock(cfg.state_dir, cfg.master, cfg.lock_timeout):
+            # The intent record goes first: if we are killed past this point,
+            # DEL and GC still learn which netns to clean.
+            fault_point("locked")
+            store.save(att)
+            undo.callback(_quietly, "remove state record", store.remove, owner)
+            host_nsid = kernel.ensure_netns_id(None, netns=netns)
+            pod_link, host_link = _create_netkit(kernel, cfg, att)
+            undo.callback(_quietly, "delete netkit", _delete_ours, kernel, att)
+            fault_point("created")
+            leased = _lease_queues(kernel, cfg, master, pod_link, netns=netns, host_nsid=host_nsid)
+        log.info("leased", queues=[q.master_queue for q in leased], netkit_queues=[
+            q.netkit_queue for q in leased])
+        ipam_result = None
+        if cfg.ipam is not None:
+            ipam_result = _ipam_add(inv, kernel, pod_link, host_link, undo)
+            fault_point("ipam")
+        _bring_up(kernel, pod_link, netns, host_link)
+        att = _replace(att, queues=leased, mac=pod_link.mac, netkit_ifindex=pod_link.index,
+                       ipam=ipam_result)
+        result = _result(inv, att, pod_link, host_link, ipam_result)
+        if att.device_info_file:
+            deviceinfo.write(att.device_info_file, deviceinfo.device_info(result))
+            undo.callback(_quietly, "remove device-info", deviceinfo.remove, att.device_info_file)
+        store.save(att)
+        fault_point("result")
+        undo.pop_all()
+    return result
+
+
+def _create_netkit(kernel: KernelAPI, cfg: NetConf, att: Attachment) -> tuple[Link, Link | None]:
+    """The pod-side netkit (and, in pair mode, the host-side primary)."""
+    n = cfg.queues_per_attachment
+    alias = att.owner.alias
+    if cfg.pairing == "single":
+        link = kernel.create_netkit(
+            NetkitSpec(
+                name=att.ifname,
+                netns=att.netns,
+                pairing="single",
+                mode=cfg.mode,
+                mac=att.mac,
+                mtu=cfg.mtu,
+                num_rx_queues=n + 1,  # queue 0 is the device's own; leases become 1..n
+                alias=alias,
+            )
+        )
+        return link, None
+    if att.host_ifname is None:
+        raise ValueError("pair mode needs a host-side name")
+    host = kernel.create_netkit(
+        NetkitSpec(
+            name=att.host_ifname,
+            pairing="pair",
+            mode=cfg.mode,
+            mtu=cfg.mtu,
+            alias=alias,
+            # Only the peer (non-primary) side of a pair can hold leases: it is the pod side.
+            peer=PeerSpec(
+                name=att.ifname, netns=att.netns, num_rx_queues=n + 1, mac=att.mac, mtu=cfg.mtu,
+                alias=alias,
+            ),
+        )
+    )
+    pod = kernel.link(att.ifname, netns=att.netns)
+    if pod is None:
+        raise KernelError(f"netkit peer {att.ifname} missing in {att.netns} right after creation")
+    return pod, host
+
+
+def _lease_queues(
+    kernel: KernelAPI, cfg: NetConf, master: Link, pod_link: Link, *, netns: str, host_nsid: int
+) -> tuple[LeasedQueue, ...]:
+    """Lease ``queuesPerAttachment`` free pool queues of the master to the pod's netkit."""
+    leased: list[LeasedQueue] = []
+    refused: set[int] = set()
+    for attempt in range(_LEASE_ATTEMPTS):
+        rx = _rx_queues(kernel, master)
+        in_use = {q.id for q in rx if q.in_use} | refused
+        free = free_queues(cfg.queues, {q.id for q in rx}, in_use)
+        wanted = choose(
+            free, cfg.queues_per_attachment - len(leased), master=cfg.master, pool=cfg.queues
+        )
+        for q in wanted:
+            try:
+                nk_id = kernel.queue_create(
+                    pod_link.index,
+                    lessor_ifindex=master.index,
+                    lessor_queue=q,
+                    netns=netns,
+                    lessor_netns_id=host_nsid,
+                )
+            except QueueBusy as e:
+                # Someone outside our lock leased it between our read and now.
+                refused.add(q)
+                log.warning("queue taken concurrently, choosing again", queue=q,
+                            attempt=attempt, error=str(e))
+                break
+            leased.append(LeasedQueue(netkit_queue=nk_id, master_queue=q))
+            fault_point(f"leased:{len(leased)}")
+        else:
+            return tuple(leased)
+    raise QueueBusy(
+        f"could not lease {cfg.queues_per_attachment} queue(s) of {cfg.master}",
+        f"queues kept being taken by another lessor: {sorted(refused)}",
+    )
+
+
+def _ipam_add(
+    inv: Invocation, kernel: KernelAPI, pod: Link, host: Link | None, undo: ExitStack
+) -> dict[str, Any]:
+    """Delegate to IPAM, then put its addresses and routes on the pod side (ptp-style)."""
+    cfg = inv.config
+    if cfg.ipam is None or inv.netns is None:
+        raise ValueError("IPAM needs an ipam section and a netns")
+    plugin = str(cfg.ipam["type"])
+    env = _delegate_env(inv, "ADD")
+    raw = ipam.delegate("ADD", plugin, inv.raw, env, inv.cni_path)
+    if raw is None:
+        raise ValueError("IPAM ADD returned no result")
+    undo.callback(_quietly, "release IPAM", ipam.delegate, "DEL", plugin, inv.raw,
+                  _delegate_env(inv, "DEL"), inv.cni_path)
+    got = Result.from_prev(raw, cfg.cni_version, source=f"IPAM plugin {plugin} result")
+    for ip in got.ips:
+        kernel.add_address(pod.index, ip.address, netns=inv.netns)
+        if host is not None:
+            # The host reaches the pod through the primary side of the pair.
+            kernel.add_route(_host_route(ip.address), oif=host.index, scope_link=True)
+    for ip in got.ips:
+        if ip.gateway:
+            # ptp-style: the gateway is reachable on the link itself.
+            kernel.add_route(_host_route(ip.gateway), oif=pod.index, netns=inv.netns,
+                             scope_link=True)
+    for route in got.routes:
+        gw = route.gw or next((ip.gateway for ip in got.ips if ip.gateway), None)
+        kernel.add_route(route.dst, oif=pod.index, gateway=gw, netns=inv.netns)
+    return raw
+
+
+def _bring_up(kernel: KernelAPI, pod: Link, netns: str, host: Link | None) -> None:
+    kernel.set_link(pod.index, netns=netns, up=True)
+    if host is not None:
+        kernel.set_link(host.index, up=True)
+
+
+# --- DEL -----------------------------------------------------------------------
+
+
+def delete(inv: Invocation, kernel: KernelAPI) -> None:
+    cfg = inv.config
+    owner = _owner(inv)
+    store = StateStore(cfg.state_dir)
+    att = store.load(owner)
+    netns = inv.netns or (att.netns if att else None)
+    _teardown(inv, kernel, owner, netns, att)
+    store.remove(owner)
+
+
+def _teardown(
+    inv: Invocation, kernel: KernelAPI, owner: Owner, netns: str | None, att: Attachment | None
+) -> None:
+    """Remove what ADD made for ``owner``; everything already gone is fine."""
+    cfg = inv.config
+    if netns:  # without a netns the pod side died with it (or never existed)
+        _delete_if_ours(kernel, owner, owner.ifname, netns)
+    if cfg.pairing == "pair" or (att and att.host_ifname):
+        _delete_if_ours(kernel, owner, host_ifname(owner), None)
+    if cfg.ipam is not None:
+        env = _delegate_env(inv, "DEL", owner, netns)
+        ipam.delegate("DEL", str(cfg.ipam["type"]), inv.raw, env, inv.cni_path)
+    deviceinfo.remove(att.device_info_file if att else cfg.runtime_config.cni_device_info_file)
+
+
+def _delete_if_ours(kernel: KernelAPI, owner: Owner, name: str, netns: str | None) -> None:
+    if netns is not None:
+        try:
+            kernel.check_netns(netns)
+        except InvalidNetns:
+            log.info("netns gone, nothing to delete there", netns=netns)
+            return
+    link = kernel.link(name, netns=netns)
+    if link is None:
+        return
+    if Owner.from_alias(link.alias) != owner:
+        log.warning("not deleting a device we do not own", device=name, netns=netns,
+                    alias=link.alias)
+        return
+    kernel.delete_link(link.index, netns=netns)  # its leases end with it
+    log.info("deleted netkit", device=name, netns=netns)
+
+
+def _delete_ours(kernel: KernelAPI, att: Attachment) -> None:
+    _delete_if_ours(kernel, att.owner, att.ifname, att.netns)
+    if att.host_ifname:
+        _delete_if_ours(kernel, att.owner, att.host_ifname, None)
+
+
+# --- CHECK ---------------------------------------------------------------------
+
+
+def check(inv: Invocation, kernel: KernelAPI) -> None:
+    cfg = inv.config
+    netns, ifname = _require(inv.netns, "CNI_NETNS"), _require(inv.ifname, "CNI_IFNAME")
+    owner = _owner(inv)
+    if cfg.prev_result is None:
+        raise InvalidConfig("CHECK needs prevResult", "the runtime passed no prevResult")
+    kernel.check_netns(netns)
+    link = kernel.link(ifname, netns=netns)
+    if link is None:
+        raise CheckFailed(f"interface {ifname} not found in netns {netns}")
+    if Owner.from_alias(link.alias) != owner:
+        raise CheckFailed(f"interface {ifname} in {netns} is not ours",
+                          f"alias {link.alias!r}, expected {owner.alias!r}")
+    nk = link.netkit
+    if link.kind != "netkit" or nk is None:
+        raise CheckFailed(f"interface {ifname} is of kind {link.kind}, expected netkit")
+    if nk.pairing != cfg.pairing or nk.mode != cfg.mode:
+        raise CheckFailed(f"interface {ifname} is a {nk.pairing} {nk.mode} netkit, "
+                          f"expected {cfg.pairing} {cfg.mode}")
+    want_mac = _expected_mac(inv, ifname, netns)
+    if want_mac and (link.mac or "").lower() != want_mac:
+        raise CheckFailed(f"interface {ifname} has MAC {link.mac}, expected {want_mac}")
+    att = StateStore(cfg.state_dir).load(owner)
+    if att is None or not att.queues:
+        raise CheckFailed(f"no lease record for {owner.container_id}/{ifname}")
+    master = _master(kernel, cfg.master)
+    for lq in att.queues:
+        _check_lease(kernel, master, lq, link, netns)
+    if cfg.ipam is not None:
+        ipam.delegate("CHECK", str(cfg.ipam["type"]), inv.raw, _delegate_env(inv, "CHECK"),
+                      inv.cni_path)
+
+
+def _check_lease(kernel: KernelAPI, master: Link, lq: LeasedQueue, link: Link, netns: str) -> None:
+    where = f"queue {lq.master_queue} of {master.name}"
+    try:
+        q = kernel.queue_get(master.index, lq.master_queue)
+    except NotFound as e:
+        raise CheckFailed(f"{where} not found (master down?)", str(e)) from e
+    # Read after queue-get: reporting a lease may be what assigns the pod netns its nsid here.
+    nsid = kernel.netns_id(netns)
+    lease = q.lease
+    if lease is None:
+        raise CheckFailed(f"{where} is no longer leased")
+    if lease.ifindex != link.index or lease.queue_id != lq.netkit_queue or lease.netns_id != nsid:
+        raise CheckFailed(
+            f"{where} is leased elsewhere",
+            f"to ifindex {lease.ifindex} queue {lease.queue_id} netns-id {lease.netns_id}, "
+            f"expected ifindex {link.index} queue {lq.netkit_queue} netns-id {nsid}",
+        )
+
+
+def _expected_mac(inv: Invocation, ifname: str, netns: str) -> str | None:
+    if inv.mac:
+        return inv.mac.lower()
+    prev = inv.config.prev_result or {}
+    for iface in prev.get("interfaces") or []:
+        if iface.get("name") == ifname and iface.get("sandbox") == netns and iface.get("mac"):
+            return str(iface["mac"]).lower()
+    return None
+
+
+# --- STATUS --------------------------------------------------------------------
+
+
+def status(inv: Invocation, kernel: KernelAPI) -> None:
+    cfg = inv.config
+    support = kernel.probe()
+    if not support.can_lease:
+        raise NotAvailable(
+            "kernel lacks netkit queue leasing (needs Linux >= 7.0)",
+            f"kernel {support.release}: netkit={support.netkit} "
+            f"netdev-family={support.netdev_family} queue-create={support.queue_create}",
+        )
+    master = kernel.link(cfg.master)
+    if master is None:
+        attached = [a for a in StateStore(cfg.state_dir) if a.master == cfg.master]
+        cls = Degraded if attached else NotAvailable
+        raise cls(f"master {cfg.master} not found",
+                  f"{len(attached)} existing attachment(s) lost their queues" if attached else "")
+    try:
+        rx = _rx_queues(kernel, master)
+    except NotFound as e:
+        raise NotAvailable(f"master {cfg.master} reports no queues (down?)", str(e)) from e
+    free = free_queues(cfg.queues, {q.id for q in rx}, {q.id for q in rx if q.in_use})
+    if len(free) < cfg.queues_per_attachment:
+        raise NotAvailable(
+            f"no free queue in the pool of {cfg.master}",
+            f"{len(free)} free, {cfg.queues_per_attachment} needed per attachment, "
+            f"pool {format_pool(cfg.queues)}",
+        )
+
+
+# --- GC ------------------------------------------------------------------------
+
+
+def gc(inv: Invocation, kernel: KernelAPI, netns_paths: Iterable[str] | None = None) -> None:
+    """Remove this network's attachments that are not in the runtime's valid list.
+
+    First through our records, then by owner alias on every netkit we can see,
+    for devices whose record never got written (killed mid-ADD) or was lost.
+    ``netns_paths``: where to look (default: every netns we can name).
+    Carries on past errors and reports them all at the end.
+    """
+    cfg = inv.config
+    valid = cfg.valid_attachments
+    if valid is None:
+        log.info("GC without a valid-attachments list: nothing removed")
+        return
+    failures: list[str] = []
+    store = StateStore(cfg.state_dir)
+    records = [a for a in store if is_stale(a.owner, cfg.name, valid)]
+    for att in records:
+        try:
+            _delete_ours(kernel, att)
+            deviceinfo.remove(att.device_info_file)
+            store.remove(att.owner)
+            log.info("gc removed attachment", container_id=att.container_id, ifname=att.ifname)
+        except (NetkitError, OSError) as e:
+            failures.append(f"{att.key}: {e}")
+    tried = {a.owner for a in records}  # a failure there is reported once, not twice
+    paths = _candidate_netns() if netns_paths is None else netns_paths
+    for netns, link in _netkit_devices(kernel, [None, *paths], failures):
+        owner = Owner.from_alias(link.alias)
+        if owner is None or owner in tried or not is_stale(owner, cfg.name, valid):
+            continue
+        try:
+            kernel.delete_link(link.index, netns=netns)
+            log.info("gc removed orphan netkit", device=link.name, netns=netns)
+        except (NetkitError, OSError) as e:
+            failures.append(f"{link.name}@{netns}: {e}")
+    if cfg.ipam is not None:
+        try:
+            env = _delegate_env(inv, "GC")
+            ipam.delegate("GC", str(cfg.ipam["type"]), inv.raw, env, inv.cni_path)
+        except NetkitError as e:
+            failures.append(f"ipam: {e}")
+    if failures:
+        raise NetkitError(f"GC left {len(failures)} item(s) behind", "; ".join(failures))
+
+
+def is_stale(owner: Owner, network: str, valid: frozenset[tuple[str, str]]) -> bool:
+    """GC's decision: this network's attachment, and the runtime no longer knows it."""
+    return owner.network == network and (owner.container_id, owner.ifname) not in valid
+
+
+def _netkit_devices(
+    kernel: KernelAPI, netns_paths: Iterable[str | None], failures: list[str]
+) -> Iterator[tuple[str | None, Link]]:
+    for netns in netns_paths:
+        try:
+            links = kernel.links(netns=netns, kind="netkit")
+        except InvalidNetns:
+            continue  # gone since we listed it: nothing of ours can be in it
+        except (NetkitError, OSError) as e:
+            failures.append(f"{netns}: {e}")
+            continue
+        for link in links:
+            yield netns, link
+
+
+def _candidate_netns() -> Iterator[str]:
+    """Every distinct network namespace we can name by path, except our own.
+
+    Named ones (/var/run/netns, where runtimes pin pod netns) and those only
+    held by a process. Deduplicated by nsfs inode, so each netns is opened once.
+    """
+    try:
+        own = Path("/proc/self/ns/net").stat()
+        seen = {(own.st_dev, own.st_ino)}
+    except OSError:
+        seen = set()
+    paths = sorted(Path("/var/run/netns").glob("*")) + sorted(Path("/proc").glob("[0-9]*/ns/net"))
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            continue
+        seen.add(key)
+        yield str(p)
+
+
+# --- test-only fault injection --------------------------------------------------
+
+FAULT_ENV = "CNI_NETKIT_TEST_FAULT"
+
+
+class InjectedFault(NetkitError):
+    """Raised at a fault point named in CNI_NETKIT_TEST_FAULT (tests only)."""
+
+    code = 199
+
+
+def fault_point(step: str) -> None:
+    """Test-only: ``CNI_NETKIT_TEST_FAULT=<step>`` fails ADD right after ``step``;
+    ``<step>:kill`` SIGKILLs the process there instead (the crash suite).
+
+    Unset in production, where this is one dictionary lookup.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    kill = spec.endswith(":kill")
+    if spec.removesuffix(":kill") != step:
+        return
+    if kill:
+        import signal  # noqa: PLC0415
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFault(f"injected fault after {step}")
+
+
+# --- shared steps --------------------------------------------------------------
+
+
+def host_ifname(owner: Owner) -> str:
+    """The host-side name of a pair: stable per attachment, 15 bytes like Calico's cali<hash>."""
+    digest = hashlib.sha256(f"{owner.network}/{owner.container_id}/{owner.ifname}".encode())
+    return "nk" + digest.hexdigest()[:13]
+
+
+def _master(kernel: KernelAPI, name: str) -> Link:
+    master = kernel.link(name)
+    if master is None:
+        raise MasterNotFound(f"master {name} not found in the host netns")
+    return master
+
+
+def _rx_queues(kernel: KernelAPI, master: Link) -> list[Queue]:
+    return [q for q in kernel.queues(master.index) if q.type == "rx"]
+
+
+def _owner(inv: Invocation) -> Owner:
+    return Owner(
+        inv.config.name,
+        _require(inv.container_id, "CNI_CONTAINERID"),
+        _require(inv.ifname, "CNI_IFNAME"),
+    )
+
+
+def _require(value: str | None, name: str) -> str:
+    if not value:
+        from cni_netkit.errors import InvalidEnvironment  # noqa: PLC0415
+
+        raise InvalidEnvironment(f"{name} is required")
+    return value
+
+
+def _delegate_env(
+    inv: Invocation, command: str, owner: Owner | None = None, netns: str | None = None
+) -> dict[str, str]:
+    """The environment a delegated plugin sees: ours, rebuilt from the invocation.
+
+    Built from the invocation rather than os.environ so the same code serves
+    requests relayed by the node agent.
+    """
+    env = {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": owner.container_id if owner else (inv.container_id or ""),
+        "CNI_NETNS": netns if netns is not None else (inv.netns or ""),
+        "CNI_IFNAME": owner.ifname if owner else (inv.ifname or ""),
+        "CNI_PATH": ":".join(inv.cni_path),
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+    }
+    if inv.args:
+        env["CNI_ARGS"] = ";".join(f"{k}={v}" for k, v in inv.args.items())
+    return env
+
+
+def _host_route(address: str) -> str:
+    """``10.1.2.3/24`` or ``10.1.2.3`` -> ``10.1.2.3/32`` (or /128): the single address."""
+    addr = address.split("/", 1)[0]
+    return f"{addr}/{128 if ':' in addr else 32}"
+
+
+def _result(
+    inv: Invocation, att: Attachment, pod: Link, host: Link | None, ipam_raw: dict[str, Any] | None
+) -> Result:
+    cfg = inv.config
+    interfaces: list[Interface] = []
+    if host is not None:
+        interfaces.append(Interface(name=host.name, mac=host.mac))
+    pod_index = len(interfaces)
+    interfaces.append(Interface(name=pod.name, mac=pod.mac, mtu=pod.mtu, sandbox=att.netns))
+    ours = Result(interfaces=tuple(interfaces), netkit=att.netkit)
+    if ipam_raw is not None:
+        got = Result.from_prev(ipam_raw, cfg.cni_version, source="IPAM result")
+        ours = Result(
+            interfaces=ours.interfaces,
+            ips=tuple(IPConfig(ip.address, ip.gateway, pod_index) for ip in got.ips),
+            routes=got.routes,
+            dns=got.dns,
+            netkit=att.netkit,
+        )
+    if cfg.prev_result:
+        ours = ours.merged_with(cfg.prev_result)
+    return ours
+
+
+def _replace(att: Attachment, **changes: Any) -> Attachment:
+    from dataclasses import replace  # noqa: PLC0415
+
+    return replace(att, **changes)
+
+
+def _quietly(what: str, fn: Callable[..., object], *args: Any) -> None:
+    """Run an undo step; log its failure and go on with the other undos."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - an undo must never stop the other undos
+        log.error("undo step failed", step=what, error=str(e))

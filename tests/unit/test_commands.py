@@ -1,0 +1,256 @@
+"""The plugin's decisions and undo paths, against an in-memory fake of our kernel seam.
+
+Kernel behaviour is not claimed here (tests/kernel and tests/e2e do that in
+the VM); these pin down what the plugin asks of the seam and how it cleans up.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cni_netkit.config import Invocation, parse_invocation
+from cni_netkit.errors import (
+    CheckFailed,
+    Degraded,
+    InterfaceExists,
+    InvalidNetns,
+    KernelError,
+    MasterNotFound,
+    NetkitError,
+    NotAvailable,
+    PoolExhausted,
+    QueueBusy,
+)
+from cni_netkit.plugin import commands
+from cni_netkit.plugin.state import Owner, StateStore
+from tests.unit.fake_kernel import FakeKernel
+
+POD = "/var/run/netns/pod1"
+
+
+@pytest.fixture
+def kernel() -> FakeKernel:
+    k = FakeKernel(master="eth0", master_queues=16)
+    k.add_netns(POD)
+    return k
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+def inv(command: str, state: Path, *, cid: str = "c1", netns: str = POD, ifname: str = "net1",
+        **conf: Any) -> Invocation:
+    c: dict[str, Any] = {"cniVersion": "1.1.0", "name": "afxdp", "type": "netkit",
+                         "master": "eth0", "queues": "8-15", "stateDir": str(state)}
+    c.update(conf)
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns,
+           "CNI_IFNAME": ifname, "CNI_PATH": ""}
+    return parse_invocation(env, json.dumps(c).encode())
+
+
+def test_add_creates_single_netkit_with_leases_and_record(kernel: FakeKernel, state: Path) -> None:
+    res = commands.add(inv("ADD", state, queuesPerAttachment=2), kernel)
+    (link,) = kernel.links_in(POD)
+    assert link.kind == "netkit" and link.up and link.num_rx_queues == 3
+    assert Owner.from_alias(link.alias) == Owner("afxdp", "c1", "net1")
+    assert kernel.leased_master_queues() == {8: link.index, 9: link.index}
+    out = res.encode("1.1.0")
+    assert out["netkit"]["queues"] == [{"id": 1, "masterQueue": 8}, {"id": 2, "masterQueue": 9}]
+    assert out["interfaces"] == [{"name": "net1", "mac": link.mac, "mtu": 1500, "sandbox": POD}]
+    att = StateStore(state).load(Owner("afxdp", "c1", "net1"))
+    assert att is not None and att.netkit_ifindex == link.index
+
+
+def test_add_skips_queues_in_use_by_anyone(kernel: FakeKernel, state: Path) -> None:
+    kernel.foreign_in_use = {8, 9}
+    commands.add(inv("ADD", state), kernel)
+    assert list(kernel.leased_master_queues()) == [10]
+
+
+def test_add_rechooses_when_a_queue_is_taken_between_read_and_lease(
+    kernel: FakeKernel, state: Path
+) -> None:
+    kernel.fail["queue_create"] = QueueBusy("queue-create: EBUSY")
+    commands.add(inv("ADD", state), kernel)
+    assert list(kernel.leased_master_queues()) == [9]
+
+
+@pytest.mark.parametrize(
+    "failing", ["ensure_netns_id", "create_netkit", "queue_create", "set_link"]
+)
+def test_add_failure_at_any_step_undoes_everything(
+    kernel: FakeKernel, state: Path, failing: str
+) -> None:
+    kernel.fail[failing] = KernelError(f"{failing} failed")
+    with pytest.raises(KernelError):
+        commands.add(inv("ADD", state, queuesPerAttachment=2), kernel)
+    assert kernel.links_in(POD) == []
+    assert kernel.leased_master_queues() == {}
+    assert list(StateStore(state)) == []
+
+
+def test_add_second_lease_failure_releases_the_first(kernel: FakeKernel, state: Path) -> None:
+    calls = 0
+    real = kernel.queue_create
+
+    def flaky(*a: Any, **kw: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KernelError("queue-create: EINVAL")
+        return real(*a, **kw)
+
+    kernel.queue_create = flaky  # type: ignore[method-assign]
+    with pytest.raises(KernelError):
+        commands.add(inv("ADD", state, queuesPerAttachment=2), kernel)
+    assert kernel.leased_master_queues() == {} and kernel.links_in(POD) == []
+
+
+def test_add_refuses_existing_ifname_and_changes_nothing(kernel: FakeKernel, state: Path) -> None:
+    commands.add(inv("ADD", state), kernel)
+    with pytest.raises(InterfaceExists):
+        commands.add(inv("ADD", state, cid="c2"), kernel)
+    assert len(kernel.leased_master_queues()) == 1
+
+
+def test_add_needs_a_netns_and_a_master(kernel: FakeKernel, state: Path) -> None:
+    with pytest.raises(InvalidNetns):
+        commands.add(inv("ADD", state, netns="/var/run/netns/gone"), kernel)
+    with pytest.raises(MasterNotFound):
+        commands.add(inv("ADD", state, master="eth9"), kernel)
+    assert kernel.links_in(POD) == []
+
+
+def test_pool_exhaustion_is_code_100_and_leaves_nothing(kernel: FakeKernel, state: Path) -> None:
+    for i in range(8):
+        kernel.add_netns(f"/p{i}")
+        commands.add(inv("ADD", state, cid=f"c{i}", netns=f"/p{i}"), kernel)
+    with pytest.raises(PoolExhausted) as e:
+        commands.add(inv("ADD", state, cid="c9"), kernel)
+    assert e.value.code == 100 and "eth0" in e.value.msg and "8-15" in e.value.details
+    assert kernel.links_in(POD) == []
+
+
+def test_pair_mode_leases_on_the_pod_side_peer(kernel: FakeKernel, state: Path) -> None:
+    res = commands.add(inv("ADD", state, pairing="pair", mode="l3"), kernel)
+    (peer,) = kernel.links_in(POD)
+    (host,) = [link for link in kernel.links_in(None) if link.kind == "netkit"]
+    assert peer.netkit is not None and not peer.netkit.primary
+    assert set(kernel.leased_master_queues().values()) == {peer.index}
+    assert host.name == commands.host_ifname(Owner("afxdp", "c1", "net1"))
+    assert len(host.name) <= 15
+    assert [i["name"] for i in res.encode("1.1.0")["interfaces"]] == [host.name, "net1"]
+
+
+def test_del_removes_device_record_and_is_idempotent(kernel: FakeKernel, state: Path) -> None:
+    commands.add(inv("ADD", state), kernel)
+    commands.delete(inv("DEL", state), kernel)
+    assert kernel.links_in(POD) == [] and kernel.leased_master_queues() == {}
+    assert list(StateStore(state)) == []
+    commands.delete(inv("DEL", state), kernel)  # again: nothing left, still fine
+
+
+def test_del_with_netns_gone_or_empty(kernel: FakeKernel, state: Path) -> None:
+    commands.add(inv("ADD", state), kernel)
+    kernel.del_netns(POD)
+    commands.delete(inv("DEL", state), kernel)
+    commands.delete(inv("DEL", state, netns=""), kernel)
+    assert list(StateStore(state)) == []
+
+
+def test_del_never_deletes_a_device_it_does_not_own(kernel: FakeKernel, state: Path) -> None:
+    commands.add(inv("ADD", state), kernel)
+    commands.delete(inv("DEL", state, cid="someone-else"), kernel)
+    assert len(kernel.links_in(POD)) == 1
+
+
+def test_check_passes_then_reports_a_lost_lease(kernel: FakeKernel, state: Path) -> None:
+    res = commands.add(inv("ADD", state), kernel)
+    prev = res.encode("1.1.0")
+    commands.check(inv("CHECK", state, prevResult=prev), kernel)
+    (link,) = kernel.links_in(POD)
+    kernel.devices[link.index].leases.clear()
+    with pytest.raises(CheckFailed, match="no longer leased"):
+        commands.check(inv("CHECK", state, prevResult=prev), kernel)
+
+
+def test_check_reports_wrong_mac_and_missing_device(kernel: FakeKernel, state: Path) -> None:
+    res = commands.add(inv("ADD", state), kernel)
+    prev = res.encode("1.1.0")
+    prev["interfaces"][0]["mac"] = "02:de:ad:be:ef:00"
+    with pytest.raises(CheckFailed, match="MAC"):
+        commands.check(inv("CHECK", state, prevResult=prev), kernel)
+    commands.delete(inv("DEL", state), kernel)
+    with pytest.raises(CheckFailed, match="not found"):
+        commands.check(inv("CHECK", state, prevResult=prev), kernel)
+
+
+def test_status_ready_full_and_degraded(kernel: FakeKernel, state: Path) -> None:
+    commands.status(inv("STATUS", state, queues=[8]), kernel)
+    commands.add(inv("ADD", state, queues=[8]), kernel)
+    with pytest.raises(NotAvailable) as e:
+        commands.status(inv("STATUS", state, queues=[8]), kernel)
+    assert e.value.code == 50
+    with pytest.raises(Degraded) as d:
+        commands.status(inv("STATUS", state, master="eth0", queues=[8]).__class__(
+            **{**inv("STATUS", state, queues=[8]).__dict__}), _without_master(kernel))
+    assert d.value.code == 51
+
+
+def _without_master(kernel: FakeKernel) -> FakeKernel:
+    kernel.devices.pop(kernel.master.link.index)
+    return kernel
+
+
+def test_status_without_kernel_support_is_50(kernel: FakeKernel, state: Path) -> None:
+    kernel.support = kernel.support.__class__("6.18", False, True, False)
+    with pytest.raises(NotAvailable, match=r"Linux >= 7\.0"):
+        commands.status(inv("STATUS", state), kernel)
+
+
+def test_gc_removes_only_invalid_attachments_of_its_network(
+    kernel: FakeKernel, state: Path
+) -> None:
+    for i in range(3):
+        kernel.add_netns(f"/p{i}")
+        commands.add(inv("ADD", state, cid=f"c{i}", netns=f"/p{i}"), kernel)
+    kernel.add_netns("/q")
+    commands.add(inv("ADD", state, cid="c0", netns="/q", name="other"), kernel)
+    valid = [{"containerID": "c1", "ifname": "net1"}]
+    commands.gc(inv("GC", state, **{"cni.dev/valid-attachments": valid}), kernel,
+                kernel.netns)
+    assert kernel.links_in("/p0") == [] and kernel.links_in("/p2") == []
+    assert len(kernel.links_in("/p1")) == 1
+    assert len(kernel.links_in("/q")) == 1  # network "other" is not this GC's business
+    assert {(a.network, a.container_id) for a in StateStore(state)} == {
+        ("afxdp", "c1"), ("other", "c0")}
+
+
+def test_gc_without_a_list_removes_nothing(kernel: FakeKernel, state: Path) -> None:
+    commands.add(inv("ADD", state), kernel)
+    commands.gc(inv("GC", state), kernel, kernel.netns)
+    assert len(kernel.links_in(POD)) == 1
+
+
+def test_gc_carries_on_past_errors_and_reports_them(kernel: FakeKernel, state: Path) -> None:
+    for i in range(2):
+        kernel.add_netns(f"/p{i}")
+        commands.add(inv("ADD", state, cid=f"c{i}", netns=f"/p{i}"), kernel)
+    kernel.fail["delete_link"] = KernelError("delete failed")
+    with pytest.raises(NetkitError, match="GC left 1"):
+        commands.gc(inv("GC", state, **{"cni.dev/valid-attachments": []}), kernel, kernel.netns)
+    assert sum(len(kernel.links_in(f"/p{i}")) for i in range(2)) == 1
+
+
+def test_injected_fault_undoes_the_add(kernel: FakeKernel, state: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(commands.FAULT_ENV, "leased:1")
+    with pytest.raises(commands.InjectedFault):
+        commands.add(inv("ADD", state), kernel)
+    assert kernel.links_in(POD) == [] and kernel.leased_master_queues() == {}
