@@ -104,6 +104,8 @@ def uninstall(bin_dir: Path, *, name: str = "netkit") -> tuple[Path, ...]:
 
     A ``name`` that is not our symlink (someone else's plugin of that name) is left alone.
     """
+    if not bin_dir.is_dir():
+        return ()  # nothing was ever installed there
     removed: list[Path] = []
     with _locked(bin_dir, name):
         link = bin_dir / name

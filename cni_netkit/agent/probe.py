@@ -172,7 +172,7 @@ def probe_master(
             name, pool, problems=(f"master {name} does not exist in the host netns",)
         )
     problems: list[str] = []
-    driver = driver_of(name) if link.parent_dev else None
+    driver = driver_of(name) if _has_parent(link) else None
     dev = DevInfo(link.index)
     try:
         dev = kernel.dev_get(link.index)
@@ -195,7 +195,7 @@ def probe_master(
         ifindex=link.index,
         up=link.up,
         rx_queues=tuple(sorted(q.id for q in rx)),
-        parent=f"{link.parent_bus}/{link.parent_dev}" if link.parent_dev else None,
+        parent=f"{link.parent_bus or '?'}/{link.parent_dev or '?'}" if _has_parent(link) else None,
         driver=driver,
         queue_ops=ops,
         queue_ops_reason=why,
@@ -214,10 +214,15 @@ def probe_master(
 
 
 def _queue_ops(link: Link, driver: str | None, has_lease: bool) -> tuple[QueueOps, str]:
-    if not link.parent_dev:
+    if not _has_parent(link):
         return "absent", f"{link.name} has no parent bus device: the kernel refuses leases from it"
     if has_lease:
         return "proven", "a queue is leased now"
     if driver in QUEUE_MGMT_DRIVERS:
         return "likely", f"driver {driver} has them in Linux 7.2"
     return "unknown", f"driver {driver or '?'}: only a lease attempt can tell"
+
+
+def _has_parent(link: Link) -> bool:
+    # IFLA_PARENT_DEV_NAME and _BUS_NAME come together; either one is the evidence.
+    return bool(link.parent_dev or link.parent_bus)

@@ -198,3 +198,7 @@ def test_missing_executable_is_refused(tmp_path: Path, bin_dir: Path) -> None:
     with pytest.raises(FileNotFoundError):
         inst.install(tmp_path / "empty", bin_dir, version="0.1.0")
     assert entries(bin_dir) == set()
+
+
+def test_uninstall_from_a_missing_bin_dir_is_a_noop(tmp_path: Path) -> None:
+    assert inst.uninstall(tmp_path / "never-created") == ()
