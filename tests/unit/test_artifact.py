@@ -133,3 +133,27 @@ def test_errors_come_back_as_cni_json(installed: Path) -> None:
     assert res.returncode == 1
     reply = json.loads(res.stdout)
     assert isinstance(reply["code"], int) and reply["msg"]
+
+
+# --- the image builds the same artifact the tests ran (docker cannot run here) -----------
+
+
+def test_dockerfile_builds_with_the_tested_script_and_installs_where_the_agent_looks() -> None:
+    from cni_netkit.agent.main import AgentConfig  # noqa: PLC0415 - only this test needs it
+
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "RUN scripts/build-artifact /out/artifact" in dockerfile
+    assert f"COPY --from=builder /out/artifact {AgentConfig(node='n').artifact}" in dockerfile
+    # Every path the Dockerfile copies from the context is let through .dockerignore.
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    copied = {
+        src
+        for line in dockerfile.splitlines()
+        if line.startswith("COPY ") and "--from=" not in line
+        for src in line.split()[1:-1]
+    }
+    assert copied <= allowed, copied - allowed
