@@ -205,7 +205,8 @@ def lease_entry(att: Attachment) -> dict[str, Any]:
     ``queues`` are the netkit's queue ids (what AF_XDP binds to inside the
     pod), ``masterQueues`` the physical ones they proxy, index by index.
     ``qemuNetdev`` (the ``-netdev af-xdp`` arguments) only for ``single``
-    pairing: the kernel refuses AF_XDP on a netkit pair.
+    pairing: the kernel refuses AF_XDP on a netkit pair. ``mapPath`` and
+    ``mapStartIndex`` when the attachment has a pinned XSK map.
     """
     leased = sorted(att.queues, key=lambda q: q.netkit_queue)
     entry: dict[str, Any] = {
@@ -218,6 +219,14 @@ def lease_entry(att: Attachment) -> dict[str, Any]:
     }
     if att.pairing == "single":
         entry["qemuNetdev"] = att.qemu_netdev
+    # The XSK map QEMU's inhibit=on mode inserts its sockets into, once the
+    # plugin pins one per attachment (a field or an ``extra`` key of the record).
+    for key, name in (("map_path", "mapPath"), ("map_start_index", "mapStartIndex")):
+        value = getattr(att, key, None)
+        if value is None:
+            value = att.extra.get(key)
+        if value is not None:
+            entry[name] = value
     return entry
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -233,6 +234,15 @@ def test_lease_entry_has_the_documented_shape() -> None:
         "mac": "02:00:00:00:00:01",
         "qemuNetdev": "ifname=net1,queues=2,start-queue=1",
     }
+
+
+def test_lease_entry_carries_the_xsk_map_when_there_is_one() -> None:
+    with_map = dataclasses.replace(
+        att(), extra={"map_path": "/sys/fs/bpf/cni-netkit/x/xsks", "map_start_index": 0}
+    )
+    entry = lease_entry(with_map)
+    assert (entry["mapPath"], entry["mapStartIndex"]) == ("/sys/fs/bpf/cni-netkit/x/xsks", 0)
+    assert "mapPath" not in lease_entry(att())
 
 
 def test_pair_mode_gets_no_qemu_arguments() -> None:
