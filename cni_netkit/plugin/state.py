@@ -8,6 +8,7 @@ One JSON file per attachment, written atomically (temp file + rename).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -113,9 +114,21 @@ class Attachment:
         return cls(**data)
 
 
+# File names stay readable for people debugging a node; past this length (a
+# 255-byte container id is legal) the key is hashed to fit a file name.
+_MAX_READABLE_KEY = 200
+
+
 def attachment_key(network: str, container_id: str, ifname: str) -> str:
-    # All three are validated upstream (no '/', no '..'): the key is a file name.
-    return f"{network}_{container_id}_{ifname}"
+    """A file-name-safe key, unique per (network, container id, ifname).
+
+    ':' separates the parts because none of them may contain it (validated
+    upstream, like '/' and '..'), so two different triples never collide.
+    """
+    key = f"{network}:{container_id}:{ifname}"
+    if len(key.encode()) <= _MAX_READABLE_KEY:
+        return key
+    return "sha256-" + hashlib.sha256(key.encode()).hexdigest()
 
 
 class StateStore:
