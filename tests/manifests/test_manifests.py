@@ -324,3 +324,23 @@ def test_kubevirt_vmi_uses_the_registered_binding_on_the_nad() -> None:
     meta = nad["metadata"]
     assert networks[fast["name"]]["multus"]["networkName"] == f"{meta['namespace']}/{meta['name']}"
     assert registered[fast["binding"]["name"]]["downwardAPI"] == "device-info"
+
+
+def test_the_documented_annotation_example_is_what_the_agent_writes() -> None:
+    text = (MANIFESTS.parent / "docs" / "kubernetes.md").read_text()
+    (example,) = re.findall(r"```json\n(\[\{.*?\}\])\n```", text, flags=re.S)
+    att = Attachment(
+        container_id="c1",
+        ifname="net1",
+        netns="/var/run/netns/x",
+        network="netkit-ens1f0np0",
+        master="ens1f0np0",
+        pairing="single",
+        mode="l2",
+        mac="02:00:00:00:00:10",
+        mtu=None,
+        queues=(LeasedQueue(1, 12),),
+        pod_namespace="default",
+        pod_name="p",
+    )
+    assert json.loads(example) == json.loads(leases_value([att]) or "")

@@ -11,7 +11,7 @@ import re
 
 from cni_netkit.agent import k8s
 
-from .loader import find
+from .loader import ROOT, find
 
 
 def granted() -> set[tuple[str, str, str]]:
@@ -51,3 +51,10 @@ def test_each_call_documents_its_request_in_its_docstring() -> None:
         stem = re.sub(r"\?.*", "", path)
         assert f"``{verb} {stem}" in doc, f"{call.method} does not document {verb} {stem}"
         assert f"{call.resource}: {call.verb}" in doc, f"{call.method} does not name its RBAC"
+
+
+def test_the_docs_table_names_every_call_and_permission() -> None:
+    text = (ROOT / "docs" / "kubernetes.md").read_text()
+    for call in k8s.API_CALLS:
+        assert f"`{call.method}`" in text, f"docs/kubernetes.md misses {call.method}"
+        assert f"{call.resource}: {call.verb}" in text
