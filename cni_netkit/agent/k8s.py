@@ -460,8 +460,11 @@ class KubeClient:
             for line in iter_resp_lines(resp):  # type: ignore[no-untyped-call]
                 if not line.strip():
                     continue
-                event = json.loads(line)
-                kind, obj = event.get("type"), event.get("object") or {}
+                try:
+                    event = json.loads(line)
+                    kind, obj = event.get("type"), event.get("object") or {}
+                except (ValueError, AttributeError) as e:
+                    raise KubeError(f"{what}: malformed watch event", line[:200]) from e
                 if kind == "ERROR":
                     raise _error(what, obj.get("code"), json.dumps(obj), str(obj.get("reason", "")))
                 if kind == "BOOKMARK":
@@ -485,7 +488,13 @@ class KubeClient:
             raise _error(what, e.status, e.body, e.reason or "") from e
         except urllib3.exceptions.HTTPError as e:
             raise _error(what, None, None, type(e).__name__) from e
-        data = json.loads(resp.data) if resp.data else {}
+        try:
+            data = json.loads(resp.data) if resp.data else {}
+        except ValueError as e:
+            # e.g. an HTML error page from a proxy in front of the API server
+            raise KubeError(
+                f"{what}: answer is not JSON", resp.data[:200].decode(errors="replace")
+            ) from e
         if not isinstance(data, dict):
             raise KubeError(f"{what}: answer is not a JSON object", str(data)[:200])
         return data

@@ -146,6 +146,7 @@ class FakeAPIServer:
         self._compacted = 0  # watches from an older resourceVersion get 410
         self._events: list[tuple[int, str, str, dict[str, Any]]] = []  # (rv, kind, type, object)
         self._faults: list[tuple[str, re.Pattern[str], int, int]] = []  # method, path, code, left
+        self._raw: list[tuple[str, re.Pattern[str], int, bytes]] = []  # method, path, code, body
         self._cond = threading.Condition()
         self._closing = False
         self._httpd: ThreadingHTTPServer | None = None
@@ -278,6 +279,11 @@ class FakeAPIServer:
         with self._cond:
             self._faults.append((method, re.compile(path_regex), code, times))
 
+    def reply_raw(self, method: str, path_regex: str, body: bytes, code: int = 200) -> None:
+        """Answer the next matching request with ``body`` as is (a proxy's page, garbage)."""
+        with self._cond:
+            self._raw.append((method, re.compile(path_regex), code, body))
+
     def rbac_used(self) -> set[tuple[str, str]]:
         """(verb, resource) of every request the server saw."""
         return {r.rbac for r in self.requests}
@@ -306,6 +312,20 @@ class FakeAPIServer:
             (int(obj["metadata"]["resourceVersion"]), kind, type_, copy.deepcopy(obj))
         )
         self._cond.notify_all()
+
+    def _injected(self, method: str, path: str) -> tuple[int, bytes] | None:
+        """A raw reply or a fault (raised) set up for this request, if any."""
+        for i, (m, rx, raw_code, raw) in enumerate(self._raw):
+            if m == method and rx.search(path):
+                del self._raw[i]
+                return raw_code, raw
+        code = self._take_fault(method, path)
+        if code is not None:
+            reason = {409: "Conflict", 500: "InternalError", 429: "TooManyRequests"}.get(
+                code, "Fault"
+            )
+            raise ApiError(code, reason, f"injected {code} for {method} {path}")
+        return None
 
     def _take_fault(self, method: str, path: str) -> int | None:
         for i, (m, rx, code, left) in enumerate(self._faults):
@@ -345,35 +365,36 @@ class FakeAPIServer:
         """Serve one request: a (status, object) pair, or a watch iterator of lines."""
         with self._cond:
             self._authorize(method, path, query, headers)
-            code = self._take_fault(method, path)
-        if code is not None:
-            reason = {409: "Conflict", 500: "InternalError", 429: "TooManyRequests"}.get(
-                code, "Fault"
-            )
-            raise ApiError(code, reason, f"injected {code} for {method} {path}")
+            injected = self._injected(method, path)
+        if injected is not None:
+            return injected
 
+        return self._route(method, path, query, headers, body)
+
+    def _route(
+        self, method: str, path: str, query: Mapping[str, str], headers: Any, body: bytes
+    ) -> Any:
+        # (kind, namespace, name, status subresource?) of a single object
         m = re.fullmatch(r"/api/v1/nodes/([^/]+)(/status)?", path)
-        if m:
-            if method == "GET" and not m[2]:
-                return 200, self._get("Node", m[1])
-            if method == "PATCH":
-                return 200, self._patch("Node", (m[1],), m[2] is not None, headers, body)
-            raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path}")
+        one = ("Node", None, m[1], m[2] is not None) if m else None
         m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)(/status)?", path)
-        if m:
-            if method == "GET" and not m[3]:
-                return 200, self._get("Pod", m[2], m[1])
+        one = ("Pod", m[1], m[2], m[3] is not None) if m else one
+        if one is not None:
+            kind, namespace, name, status = one
+            if method == "GET" and not status:
+                return 200, self._get(kind, name, namespace)
             if method == "PATCH":
-                return 200, self._patch("Pod", (m[1], m[2]), m[3] is not None, headers, body)
+                key = (name,) if namespace is None else (namespace, name)
+                return 200, self._patch(kind, key, status, headers, body)
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path}")
         m = re.fullmatch(r"/api/v1(?:/namespaces/([^/]+))?/(pods|nodes)", path)
-        if m and method == "GET":
-            kind = "Pod" if m[2] == "pods" else "Node"
-            match = self._selector(kind, query.get("fieldSelector", ""), m[1])
-            if query.get("watch") in ("true", "1"):
-                return self._watch(kind, match, query)
-            return 200, self._list(kind, match, query)
-        raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if not m or method != "GET":
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        kind = "Pod" if m[2] == "pods" else "Node"
+        match = self._selector(kind, query.get("fieldSelector", ""), m[1])
+        if query.get("watch") in ("true", "1"):
+            return self._watch(kind, match, query)
+        return 200, self._list(kind, match, query)
 
     def _get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any]:
         with self._cond:
@@ -759,7 +780,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.api.requests.append(Recorded(self.command, path, dict(query), ctype, body, code))
 
     def _json(self, code: int, obj: Any) -> None:
-        data = json.dumps(obj).encode()
+        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))

@@ -24,6 +24,7 @@ from cni_netkit.agent.k8s import (
     MERGE_PATCH,
     KubeClient,
     KubeConflictError,
+    KubeError,
     KubeForbiddenError,
     KubeNotFoundError,
     KubeUnavailableError,
@@ -348,6 +349,49 @@ def test_server_errors_and_no_answer_are_unavailable(
 
 def test_connect_prefers_an_explicit_url(server: FakeAPIServer) -> None:
     assert KubeClient.connect(url=server.url).get_node("n2").name == "n2"
+
+
+def test_connect_reads_a_kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = "kubeconfig-token"  # noqa: S105 - a made-up token for the local fake server
+    with FakeAPIServer(token=token) as srv:
+        srv.add_node("n1")
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": srv.url}}],
+            "users": [{"name": "agent", "user": {"token": token}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "agent"}}],
+            "current-context": "fake",
+        }
+        path = tmp_path / "kubeconfig"
+        path.write_text(json.dumps(config))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        with KubeClient.connect(kubeconfig=str(path)) as kube:
+            assert kube.get_node("n1").name == "n1"
+
+
+def test_in_cluster_outside_a_pod_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_PORT", raising=False)
+    with pytest.raises(KubeError, match="in-cluster configuration unusable"):
+        KubeClient.in_cluster()
+
+
+def test_an_answer_that_is_not_json_is_a_kube_error(
+    kube: KubeClient, server: FakeAPIServer
+) -> None:
+    server.reply_raw("GET", r"/nodes/n1$", b"<html>502 Bad Gateway</html>")
+    with pytest.raises(KubeError, match="answer is not JSON") as exc:
+        kube.get_node("n1")
+    assert "Bad Gateway" in exc.value.details
+
+
+def test_a_malformed_watch_event_is_a_kube_error(kube: KubeClient, server: FakeAPIServer) -> None:
+    server.reply_raw("GET", r"/api/v1/pods$", b'{"type": "ADDED", "object": {}}\nnot json\n')
+    events = kube.watch_pods_on_node("n1", server.resource_version, timeout=1)
+    assert next(events).type == "ADDED"
+    with pytest.raises(KubeError, match="malformed watch event"):
+        next(events)
 
 
 # --- what the fake server itself must refuse (so the tests above can fail) ---------------
