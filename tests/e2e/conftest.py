@@ -169,9 +169,8 @@ def runtime(tmp_path: Path) -> Runtime:
 
 def cni_plugins_dir() -> str | None:
     """Debian's containernetworking-plugins (host-local), extracted by scripts/vm setup."""
-    cache = Path(os.environ.get("CNI_NETKIT_CACHE", "/var/cache/cni-netkit"))
-    d = cache / "cni-plugins" / "usr" / "lib" / "cni"
-    return str(d) if (d / "host-local").exists() else None
+    d = os.environ.get("CNI_NETKIT_CNI_PLUGINS")
+    return d if d and (Path(d) / "host-local").exists() else None
 
 
 def leased_queues(nic: Nic) -> dict[int, dict[str, Any]]:
