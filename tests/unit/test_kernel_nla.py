@@ -1,0 +1,256 @@
+"""The netkit and netdev netlink classes: bytes as the kernel expects and sends them.
+
+Pure encode/decode, no kernel: requests are encoded and parsed back field by
+field at the byte level where the kernel is picky (NLA_F_NESTED, attribute
+ids), and kernel-shaped replies are decoded into the seam's dataclasses.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from typing import Any
+
+import pytest
+from pyroute2.netlink import NLA_F_NESTED
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
+from cni_netkit.errors import KernelUnsupported, QueueBusy
+from cni_netkit.kernel import Kernel, NetkitInfo, Queue, QueueLease
+from cni_netkit.kernel.api import _extack, _link, _netlink, _queue
+from cni_netkit.kernel.netdev import (
+    NETDEV_CMD_QUEUE_CREATE,
+    NETDEV_CMD_QUEUE_GET,
+    XDP_ACT,
+    flag_names,
+    netdev_queue_msg,
+)
+
+
+def nlas(data: bytes, offset: int = 0) -> list[tuple[int, bytes]]:
+    """(type with flags, payload) of each attribute in ``data[offset:]``."""
+    out = []
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("HH", data, offset)
+        assert length >= 4, f"bad attribute length {length} at {offset}"
+        out.append((kind, data[offset + 4 : offset + length]))
+        offset += (length + 3) & ~3
+    return out
+
+
+def netkit_link(data: list[tuple[str, Any]], **attrs: Any) -> Any:
+    msg = ifinfmsg()
+    msg["index"] = 7
+    msg["flags"] = 1
+    msg["attrs"] = [
+        *attrs.items(),
+        (
+            "IFLA_LINKINFO",
+            {"attrs": [("IFLA_INFO_KIND", "netkit"), ("IFLA_INFO_DATA", {"attrs": data})]},
+        ),
+    ]
+    msg.encode()
+    parsed = ifinfmsg(msg.data)
+    parsed.decode()
+    return parsed
+
+
+def test_netkit_attributes_have_the_uapi_ids() -> None:
+    msg = netkit_link(
+        [
+            ("IFLA_NETKIT_POLICY", 2),
+            ("IFLA_NETKIT_PEER_POLICY", 0),
+            ("IFLA_NETKIT_MODE", 1),
+            ("IFLA_NETKIT_HEADROOM", 32),
+            ("IFLA_NETKIT_PAIRING", 1),
+        ]
+    )
+    # ifinfomsg is 16 bytes after the 16-byte header; IFLA_LINKINFO is attribute 18
+    (linkinfo,) = [p for t, p in nlas(msg.data, 32) if t == 18]
+    (data,) = [p for t, p in nlas(linkinfo) if t == 2]
+    assert [(t, p) for t, p in nlas(data)] == [
+        (3, struct.pack("I", 2)),
+        (4, struct.pack("I", 0)),
+        (5, struct.pack("I", 1)),
+        (8, struct.pack("H", 32)),  # u16: length 6, padded to 8
+        (10, struct.pack("I", 1)),
+    ]
+
+
+def test_netkit_peer_info_is_an_ifinfomsg_with_its_own_attributes() -> None:
+    msg = netkit_link(
+        [
+            (
+                "IFLA_NETKIT_PEER_INFO",
+                {"attrs": [("IFLA_IFNAME", "eth0"), ("IFLA_NUM_RX_QUEUES", 3)]},
+            )
+        ]
+    )
+    peer = msg.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA").get_attr(
+        "IFLA_NETKIT_PEER_INFO"
+    )
+    assert peer.get_attr("IFLA_IFNAME") == "eth0"
+    assert peer.get_attr("IFLA_NUM_RX_QUEUES") == 3
+
+
+def test_netkit_link_decodes_into_link_and_netkit_info() -> None:
+    msg = netkit_link(
+        [
+            ("IFLA_NETKIT_PRIMARY", 1),
+            ("IFLA_NETKIT_POLICY", 2),
+            ("IFLA_NETKIT_PEER_POLICY", 0),
+            ("IFLA_NETKIT_MODE", 0),
+            ("IFLA_NETKIT_SCRUB", 1),
+            ("IFLA_NETKIT_PEER_SCRUB", 0),
+            ("IFLA_NETKIT_HEADROOM", 0),
+            ("IFLA_NETKIT_TAILROOM", 0),
+            ("IFLA_NETKIT_PAIRING", 0),
+        ],
+        IFLA_IFNAME="nk0",
+        IFLA_MTU=1400,
+        IFLA_IFALIAS="owner",
+        IFLA_NUM_RX_QUEUES=5,
+        IFLA_NUM_TX_QUEUES=1,
+        IFLA_LINK_NETNSID=3,
+    )
+
+    link = _link(msg)
+
+    assert (link.index, link.name, link.kind, link.mtu, link.up) == (7, "nk0", "netkit", 1400, True)
+    assert (link.alias, link.num_rx_queues, link.num_tx_queues) == ("owner", 5, 1)
+    assert link.link_netnsid == 3
+    assert link.netkit == NetkitInfo(
+        pairing="pair", mode="l2", policy="blackhole", peer_policy="forward", primary=True,
+        scrub="default", peer_scrub="none", headroom=0, tailroom=0,
+    )
+
+
+def test_a_netkit_without_pairing_attribute_is_a_pair() -> None:
+    # kernels before 7.0 have no IFLA_NETKIT_PAIRING: every netkit was a pair then
+    info = _link(netkit_link([("IFLA_NETKIT_MODE", 1)])).netkit
+    assert info is not None
+    assert (info.pairing, info.mode, info.primary) == ("pair", "l3", False)
+
+
+def queue_reply(attrs: list[tuple[str, Any]]) -> Any:
+    msg = netdev_queue_msg()
+    msg["cmd"] = NETDEV_CMD_QUEUE_GET
+    msg["version"] = 1
+    msg["attrs"] = attrs
+    msg.encode()
+    parsed = netdev_queue_msg(msg.data)
+    parsed.decode()
+    return parsed
+
+
+def lease_nest(netns_id: int | None) -> tuple[str, Any]:
+    attrs: list[tuple[str, Any]] = [
+        ("NETDEV_A_LEASE_IFINDEX", 9),
+        ("NETDEV_A_LEASE_QUEUE", {"attrs": [("NETDEV_A_QUEUE_ID", 1), ("NETDEV_A_QUEUE_TYPE", 0)]}),
+    ]
+    if netns_id is not None:
+        attrs.append(("NETDEV_A_LEASE_NETNS_ID", netns_id))
+    return ("NETDEV_A_QUEUE_LEASE", {"attrs": attrs})
+
+
+def test_queue_create_request_nests_say_they_are_nests() -> None:
+    # netdev's genl policies are strict: a nest without NLA_F_NESTED is EINVAL
+    msg = netdev_queue_msg()
+    msg["cmd"] = NETDEV_CMD_QUEUE_CREATE
+    msg["version"] = 1
+    msg["attrs"] = [("NETDEV_A_QUEUE_IFINDEX", 4), lease_nest(0)]
+    msg.encode()
+
+    top = nlas(msg.data, 20)  # nlmsghdr 16 + genlmsghdr 4
+    assert top[0] == (2, struct.pack("I", 4))
+    lease_type, lease = top[1]
+    assert lease_type == 8 | NLA_F_NESTED
+    inner = nlas(lease)
+    assert [t for t, _ in inner] == [1, 2 | NLA_F_NESTED, 3]
+    assert inner[2][1] == struct.pack("i", 0)
+    assert nlas(inner[1][1]) == [(1, struct.pack("I", 1)), (3, struct.pack("I", 0))]
+
+
+def test_leased_queue_decodes_with_its_lease() -> None:
+    msg = queue_reply(
+        [
+            ("NETDEV_A_QUEUE_ID", 2),
+            ("NETDEV_A_QUEUE_TYPE", 0),
+            ("NETDEV_A_QUEUE_IFINDEX", 4),
+            ("NETDEV_A_QUEUE_NAPI_ID", 8193),
+            lease_nest(0),
+        ]
+    )
+
+    assert _queue(msg) == Queue(4, 2, "rx", napi_id=8193, lease=QueueLease(9, 1, "rx", 0))
+    assert _queue(msg).in_use
+
+
+def test_free_queue_and_xsk_bound_queue_decode() -> None:
+    free = _queue(
+        queue_reply(
+            [("NETDEV_A_QUEUE_ID", 0), ("NETDEV_A_QUEUE_TYPE", 1), ("NETDEV_A_QUEUE_IFINDEX", 4)]
+        )
+    )
+    xsk = _queue(
+        queue_reply(
+            [
+                ("NETDEV_A_QUEUE_ID", 3),
+                ("NETDEV_A_QUEUE_TYPE", 0),
+                ("NETDEV_A_QUEUE_IFINDEX", 4),
+                ("NETDEV_A_QUEUE_XSK", True),
+            ]
+        )
+    )
+
+    assert free == Queue(4, 0, "tx")
+    assert not free.in_use
+    assert (xsk.xsk, xsk.lease, xsk.in_use) == (True, None, True)
+
+
+def test_flag_names_decode_the_spec_bits_and_keep_unknown_ones() -> None:
+    assert flag_names(0b1001, XDP_ACT) == {"basic", "xsk-zerocopy"}
+    assert flag_names(1 << 40, XDP_ACT) == {"bit40"}
+    assert flag_names(0, XDP_ACT) == frozenset()
+
+
+def test_netlink_errors_become_our_errors_with_the_extack_text() -> None:
+    cause = NetlinkError(errno.EBUSY, "Device queue in use due to queue leasing")
+
+    with pytest.raises(QueueBusy) as e, _netlink("queue-create on ifindex 5"):
+        raise cause
+
+    assert e.value.__cause__ is cause
+    assert e.value.err == errno.EBUSY
+    assert e.value.details == "Device queue in use due to queue leasing"
+    assert e.value.msg.startswith("queue-create on ifindex 5: EBUSY")
+
+
+def test_an_error_without_extack_has_empty_details() -> None:
+    # pyroute2 fills in strerror() when the kernel sent no message
+    assert _extack(NetlinkError(errno.ERANGE)) == ""
+    assert _extack(NetlinkError(errno.EINVAL, "Lease device is a virtual device")) != ""
+
+
+class NetdevWithoutQueueCreate:
+    """A netdev family socket of a 6.x kernel: queue-get, no queue-create."""
+
+    ops = frozenset({1, NETDEV_CMD_QUEUE_GET})
+
+    def queue_create(self, *args: Any) -> Any:
+        raise AssertionError("queue-create must not be sent to a kernel without it")
+
+    def close(self) -> None:
+        pass
+
+
+def test_queue_create_on_a_kernel_without_the_op_is_unsupported() -> None:
+    kernel = Kernel()
+    kernel._netdev[None] = NetdevWithoutQueueCreate()  # type: ignore[assignment]
+
+    with pytest.raises(KernelUnsupported, match="no queue-create op") as e:
+        kernel.queue_create(5, lessor_ifindex=2, lessor_queue=1)
+
+    assert "7.0" in e.value.details
+    kernel.close()
