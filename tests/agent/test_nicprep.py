@@ -26,7 +26,7 @@ from cni_netkit.agent.nicprep import (
     plan_rss,
     plan_rules,
 )
-from cni_netkit.errors import NotFound, NotSupported
+from cni_netkit.errors import InvalidRequest, NotFound, NotSupported
 from cni_netkit.kernel.ethtool import Ethtool, SteeringRule
 from cni_netkit.plugin.state import Attachment, LeasedQueue
 
@@ -397,3 +397,24 @@ def test_cli_errors_carry_the_errno(tmp_path: Path) -> None:
 def test_missing_cli_is_not_supported(tmp_path: Path) -> None:
     with pytest.raises(NotSupported, match="not installed"):
         Ethtool(str(tmp_path / "nope")).add_steering("eth0", "02:aa:00:00:00:01", [1])
+
+
+def test_cli_rule_failure_deletes_the_context_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "calls"
+    cli = tmp_path / "ethtool"
+    cli.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {log}\n'
+        'case "$*" in\n'
+        '  *"context new"*) echo "New RSS context is 4" ;;\n'
+        "  *flow-type*) echo 'Cannot insert classification rule: Invalid argument' >&2; exit 1 ;;\n"
+        "esac\n"
+    )
+    cli.chmod(0o755)
+    et = Ethtool(str(cli))
+    monkeypatch.setattr(et, "rx_rings", lambda ifname: 4)
+    with pytest.raises(InvalidRequest):
+        et.add_steering("eth0", "02:aa:00:00:00:01", [2, 3])
+    assert log.read_text().splitlines()[-1] == "-X eth0 context 4 delete"
