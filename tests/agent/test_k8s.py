@@ -32,6 +32,8 @@ from cni_netkit.agent.k8s import (
     Pod,
     WatchExpiredError,
 )
+from cni_netkit.agent.publish import LEASES_ANNOTATION, Pool, capacity, plan
+from cni_netkit.plugin.state import Attachment, LeasedQueue
 
 from .fake_apiserver import FakeAPIServer
 
@@ -475,3 +477,46 @@ def test_api_calls_table_lists_every_request_method() -> None:
         if not name.startswith("_") and name != "close"
     }
     assert {c.method for c in API_CALLS} == public
+
+
+# --- publish.plan applied through the client converges ------------------------------------
+
+
+def test_applying_a_plan_through_the_client_converges(
+    kube: KubeClient, server: FakeAPIServer
+) -> None:
+    server.add_pod("ns", "vm", "n1")
+    server.add_pod("ns", "was-vm", "n1", annotations={LEASES_ANNOTATION: "[]"})
+    server.add_pod("ns", "plain", "n1")
+    kube.patch_node_status_capacity("n1", {"netkit.cni.dev/gone": 2})
+    leased = Attachment(
+        container_id="c1", ifname="net1", netns="/var/run/netns/c1", network="netkit-eth0",
+        master="eth0", pairing="single", mode="l2", mac="02:00:00:00:00:01", mtu=None,
+        queues=(LeasedQueue(1, 14),), pod_namespace="ns", pod_name="vm",
+    )  # fmt: skip
+    pool = Pool("eth0", (14, 15))
+
+    def current() -> Any:
+        return plan(
+            attachments=[leased],
+            pods=kube.list_pods_on_node("n1").pods,
+            node=kube.get_node("n1"),
+            capacities={pool.resource: capacity(pool)},
+        )
+
+    todo = current()
+    assert {(c.name, c.value is None) for c in todo.annotations} == {
+        ("vm", False),
+        ("was-vm", True),
+    }
+    assert todo.capacity == {RES: 2, "netkit.cni.dev/gone": None}
+    for change in todo.annotations:
+        kube.patch_pod_annotations(
+            change.namespace, change.name, {LEASES_ANNOTATION: change.value}, uid=change.uid
+        )
+    kube.patch_node_status_capacity("n1", todo.capacity)
+
+    assert current().empty
+    written = json.loads(pod_annotations(server, "ns", "vm")[LEASES_ANNOTATION])
+    assert written[0]["masterQueues"] == [14]
+    assert LEASES_ANNOTATION not in pod_annotations(server, "ns", "was-vm")
