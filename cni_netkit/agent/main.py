@@ -330,12 +330,14 @@ class Agent:
         pool: publish.Pool, report: ProbeReport, attachments: Sequence[Attachment]
     ) -> int:
         m = report.master(pool.master)
-        if m is None or not report.can_lease or not m.can_lease:
+        if m is None:
             return 0
         ours = {q.master_queue for a in attachments if a.master == pool.master for q in a.queues}
         # Held by someone else: leased but not by a record of ours, or bound otherwise.
         foreign = (set(m.leased) - ours) | set(m.busy)
-        return publish.capacity(pool, existing=m.rx_queues or None, foreign=foreign)
+        # A master that is down answers no queue-get, so no ADD can lease from it.
+        usable = report.can_lease and m.can_lease and m.up
+        return publish.capacity(pool, existing=m.rx_queues or None, foreign=foreign, usable=usable)
 
     def _gc(
         self, kube: Kube, orphans: Iterable[Attachment], kernel: KernelAPI, problems: list[str]

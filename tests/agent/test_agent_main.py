@@ -330,3 +330,11 @@ def test_config_file_flags_and_env(tmp_path: Path) -> None:
         load_config(str(f), node="n")
     with pytest.raises(NetkitError, match="node name"):
         load_config(None, environ={})
+
+
+def test_master_down_advertises_no_capacity(cfg: AgentConfig, kernel: FakeKernel) -> None:
+    m = kernel.master.link
+    kernel.master.link = type(m)(**{**m.__dict__, "up": False})
+    kube = FakeKube()
+    make_agent(cfg, kernel, kube).run_pass([POOL])
+    assert kube.node.capacity.get(POOL.resource, "0") == "0"
