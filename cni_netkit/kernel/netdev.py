@@ -150,7 +150,7 @@ class AsyncNetdevSocket(AsyncGenericNetlinkSocket):  # type: ignore[misc]
         return await self.nlm_request(msg, msg_type=self.prid, msg_flags=flags)
 
     async def dev_get(self, ifindex: int | None = None) -> Any:
-        '''dev-get: do with ``ifindex``, dump without.'''
+        """dev-get: do with ``ifindex``, dump without."""
         if ifindex is None:
             return await self._request(
                 netdev_dev_msg, NETDEV_CMD_DEV_GET, [], NLM_F_REQUEST | NLM_F_DUMP
@@ -165,7 +165,7 @@ class AsyncNetdevSocket(AsyncGenericNetlinkSocket):  # type: ignore[misc]
     async def queue_get(
         self, ifindex: int, id: int, type: int = NETDEV_QUEUE_TYPE_RX
     ) -> Any:
-        '''queue-get do: one queue of one device.'''
+        """queue-get do: one queue of one device."""
         return await self._request(
             netdev_queue_msg,
             NETDEV_CMD_QUEUE_GET,
@@ -178,7 +178,7 @@ class AsyncNetdevSocket(AsyncGenericNetlinkSocket):  # type: ignore[misc]
         )
 
     async def queue_dump(self, ifindex: int | None = None) -> Any:
-        '''queue-get dump: every queue in the netns, or of ``ifindex``.'''
+        """queue-get dump: every queue in the netns, or of ``ifindex``."""
         attrs = [] if ifindex is None else [('NETDEV_A_QUEUE_IFINDEX', ifindex)]
         return await self._request(
             netdev_queue_msg,
@@ -195,11 +195,11 @@ class AsyncNetdevSocket(AsyncGenericNetlinkSocket):  # type: ignore[misc]
         lease_queue_id: int,
         lease_netns_id: int | None = None,
     ) -> Any:
-        '''queue-create: a new queue on ``ifindex`` leasing a queue of ``lease_ifindex``.
+        """queue-create: a new queue on ``ifindex`` leasing a queue of ``lease_ifindex``.
 
         ``lease_netns_id`` is the nsid, seen from this socket's netns, of the
         netns holding ``lease_ifindex``; None when it is this netns.
-        '''
+        """
         lease_attrs: list[Any] = [
             ('NETDEV_A_LEASE_IFINDEX', lease_ifindex),
             (
@@ -241,16 +241,19 @@ class NetdevSocket(GenericNetlinkSocket):  # type: ignore[misc]
         return frozenset(self.asyncore.ops)
 
     def dev_get(self, ifindex: int | None = None) -> tuple[Any, ...]:
+        """dev-get: do with ``ifindex``, dump without."""
         return tuple(self._run_sync_cleanup(self.asyncore.dev_get, ifindex))
 
     def queue_get(
         self, ifindex: int, id: int, type: int = NETDEV_QUEUE_TYPE_RX
     ) -> tuple[Any, ...]:
+        """queue-get do: one queue of one device."""
         return tuple(
             self._run_sync_cleanup(self.asyncore.queue_get, ifindex, id, type)
         )
 
     def queue_dump(self, ifindex: int | None = None) -> tuple[Any, ...]:
+        """queue-get dump: every queue in the netns, or of ``ifindex``."""
         return tuple(self._run_sync_cleanup(self.asyncore.queue_dump, ifindex))
 
     def queue_create(
@@ -261,6 +264,7 @@ class NetdevSocket(GenericNetlinkSocket):  # type: ignore[misc]
         lease_queue_id: int,
         lease_netns_id: int | None = None,
     ) -> tuple[Any, ...]:
+        """queue-create: the reply carries the new queue's ``NETDEV_A_QUEUE_ID``."""
         return tuple(
             self._run_sync_cleanup(
                 self.asyncore.queue_create,
