@@ -81,10 +81,11 @@ class AgentConfig:
     gc_grace: float = 60.0  # an orphan's record must be this old before GC
     kube_url: str | None = None
     kubeconfig: str | None = None
+    run_dir: Path | None = None  # for the status file; default: <state_dir>/agent
 
     @property
     def status_file(self) -> Path:
-        return self.state_dir / "agent" / "status.json"
+        return (self.run_dir or self.state_dir / "agent") / "agent-status.json"
 
     @property
     def health_max_age(self) -> float:
@@ -103,13 +104,24 @@ _KEYS = {
     "gcGrace": ("gc_grace", float),
     "kubeUrl": ("kube_url", str),
     "kubeconfig": ("kubeconfig", str),
+    "runDir": ("run_dir", Path),
+}
+
+
+# Environment overrides (the DaemonSet sets these; NODE_NAME from the downward API).
+_ENV = {
+    "NODE_NAME": ("node", str),
+    "CNI_NETKIT_POOLS": ("pools_file", Path),
+    "CNI_NETKIT_STATE_DIR": ("state_dir", Path),
+    "CNI_NETKIT_CNI_BIN_DIR": ("cni_bin_dir", Path),
+    "CNI_NETKIT_RUN_DIR": ("run_dir", Path),
 }
 
 
 def load_config(
     path: str | None, *, node: str | None = None, environ: Mapping[str, str] = os.environ
 ) -> AgentConfig:
-    """The config file (if any) with ``--node`` or ``$NODE_NAME`` (the downward API) on top."""
+    """The config file (if any), then the ``CNI_NETKIT_*`` environment, then ``--node``."""
     values: dict[str, Any] = {}
     if path:
         try:
@@ -125,7 +137,10 @@ def load_config(
                 )
             name, kind = _KEYS[key]
             values[name] = None if raw is None else kind(raw)
-    values["node"] = node or values.get("node") or environ.get("NODE_NAME")
+    for var, (name, kind) in _ENV.items():
+        if environ.get(var):
+            values[name] = kind(environ[var])
+    values["node"] = node or values.get("node")
     if not values["node"]:
         raise NetkitError(
             "the agent needs its node name", "--node, or NODE_NAME from the downward API"

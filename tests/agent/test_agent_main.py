@@ -325,6 +325,21 @@ def test_config_file_flags_and_env(tmp_path: Path) -> None:
         None,
     )
     assert load_config(str(f), node="flag", environ={"NODE_NAME": "env"}).node == "flag"
+    # The DaemonSet's environment overrides the file.
+    env = {
+        "NODE_NAME": "n",
+        "CNI_NETKIT_STATE_DIR": "/var/lib/cni/netkit",
+        "CNI_NETKIT_CNI_BIN_DIR": "/host/opt/cni/bin",
+        "CNI_NETKIT_RUN_DIR": "/run/cni-netkit",
+        "CNI_NETKIT_POOLS": "/etc/cni-netkit/pools.json",
+    }
+    cfg = load_config(str(f), environ=env)
+    assert cfg.state_dir == Path("/var/lib/cni/netkit")
+    assert cfg.status_file == Path("/run/cni-netkit/agent-status.json")
+    assert (cfg.cni_bin_dir, cfg.pools_file) == (
+        Path("/host/opt/cni/bin"),
+        Path("/etc/cni-netkit/pools.json"),
+    )
     f.write_text(json.dumps({"stateDirr": "/s"}))
     with pytest.raises(NetkitError, match="unknown key"):
         load_config(str(f), node="n")
