@@ -146,7 +146,7 @@ def _network_name(name: str) -> str:
     return name
 
 
-def _queue_pool(value: object) -> tuple[int, ...]:
+def parse_queue_pool(value: object) -> tuple[int, ...]:
     """Queue ids from ``[8, 9]``, ``"8-15"``, ``"8-11,14"`` or ``[8, "10-12"]``, sorted."""
     if isinstance(value, str):
         items: list[object] = [value] if value.strip() else []
@@ -211,7 +211,7 @@ def _ipam_section(ipam: dict[str, Any]) -> dict[str, Any]:
 IfName = Annotated[StrictStr, AfterValidator(_valid_ifname)]
 AbsolutePath = Annotated[StrictStr, AfterValidator(_absolute_path)]
 Mac = Annotated[StrictStr, AfterValidator(normalize_mac)]
-QueuePool = Annotated[tuple[int, ...], BeforeValidator(_queue_pool)]
+QueuePool = Annotated[tuple[int, ...], BeforeValidator(parse_queue_pool)]
 
 
 # --- the network config ---------------------------------------------------------

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cni_netkit.config import parse_queue_pool
 from cni_netkit.plugin.state import Attachment
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ RESOURCE_PREFIX = f"{DOMAIN}/"
 _NAME_RE = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS1123_SUBDOMAIN_RE = re.compile(rf"^{_DNS1123_LABEL}(\.{_DNS1123_LABEL})*$")
-_QUEUE_RANGE_RE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
 def is_qualified_name(name: str) -> bool:
@@ -117,24 +117,6 @@ class Pool:
             )
 
 
-def parse_queues(spec: str | Sequence[int]) -> tuple[int, ...]:
-    """``"8-11,14"`` or ``[8, 9, 10, 11, 14]`` -> sorted unique queue ids."""
-    if isinstance(spec, str):
-        ids: set[int] = set()
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            m = _QUEUE_RANGE_RE.match(part)
-            if not m:
-                raise ValueError(f"bad queue range {part!r} (want N or N-M)")
-            lo, hi = int(m[1]), int(m[2] or m[1])
-            if hi < lo:
-                raise ValueError(f"bad queue range {part!r}: end before start")
-            ids.update(range(lo, hi + 1))
-        return tuple(sorted(ids))
-    if any(isinstance(q, bool) or not isinstance(q, int) or q < 0 for q in spec):
-        raise ValueError(f"queue ids must be non-negative integers: {spec!r}")
-    return tuple(sorted(set(spec)))
-
-
 def pools_for_node(document: Mapping[str, Any], node: str) -> tuple[Pool, ...]:
     """The pools that apply to ``node`` from the ConfigMap's ``pools.json``.
 
@@ -160,7 +142,7 @@ def pools_for_node(document: Mapping[str, Any], node: str) -> tuple[Pool, ...]:
             pools.append(
                 Pool(
                     master=entry["master"],
-                    queues=parse_queues(entry.get("queues", ())),
+                    queues=parse_queue_pool(entry.get("queues", ())),
                     queues_per_attachment=int(entry.get("queuesPerAttachment", 1)),
                     resource=str(entry.get("resourceName", "")),
                 )

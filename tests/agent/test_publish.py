@@ -22,7 +22,6 @@ from cni_netkit.agent.publish import (
     is_qualified_name,
     lease_entry,
     leases_value,
-    parse_queues,
     plan,
     pools_for_node,
     resource_name,
@@ -151,22 +150,14 @@ def test_qualified_names_agree_with_the_fake_api_server(key: str) -> None:
 # --- pool configuration ------------------------------------------------------------------
 
 
-def test_parse_queues_accepts_ranges_and_lists() -> None:
-    assert parse_queues("8-11,14") == (8, 9, 10, 11, 14)
-    assert parse_queues(" 3 , 1-2 ,") == (1, 2, 3)
-    assert parse_queues([5, 3, 3]) == (3, 5)
-
-
-@pytest.mark.parametrize("bad", ["8-", "11-8", "x", "1;2"])
-def test_parse_queues_rejects_bad_ranges(bad: str) -> None:
-    with pytest.raises(ValueError, match="bad queue range"):
-        parse_queues(bad)
-
-
-@pytest.mark.parametrize("bad", [[-1], [True], ["3"]])
-def test_parse_queues_rejects_bad_ids(bad: Any) -> None:
-    with pytest.raises(ValueError, match="non-negative integers"):
-        parse_queues(bad)
+def test_pool_queues_follow_the_cni_config_rules() -> None:
+    # The agent advertises the pool the plugin config leases from: one parser, one set of rules.
+    doc = {"pools": [{"master": "eth0", "queues": "8-11,14"}]}
+    assert pools_for_node(doc, "n1")[0].queues == (8, 9, 10, 11, 14)
+    with pytest.raises(ValueError, match="listed twice"):
+        pools_for_node({"pools": [{"master": "eth0", "queues": [5, 3, 3]}]}, "n1")
+    with pytest.raises(ValueError, match="reversed"):
+        pools_for_node({"pools": [{"master": "eth0", "queues": "11-8"}]}, "n1")
 
 
 def test_pools_for_node_uses_the_node_override_instead_of_the_default() -> None:
@@ -194,15 +185,25 @@ def test_pools_for_node_keeps_an_explicit_resource_name() -> None:
     ("doc", "message"),
     [
         ({"pools": [{"queues": "1"}]}, r"pools\[0\]: needs a 'master'"),
-        ({"pools": [{"master": "eth0", "queues": "9-8"}]}, r"pools\[0\]: bad queue range"),
+        ({"pools": [{"master": "eth0", "queues": "9-8"}]}, r"pools\[0\]: range 9-8 is reversed"),
+        ({"pools": [{"master": "eth0"}]}, r"pools\[0\]: the pool is empty"),
         (
-            {"pools": [{"master": "eth0", "queuesPerAttachment": 0}]},
+            {"pools": [{"master": "eth0", "queues": "1", "queuesPerAttachment": 0}]},
             "queuesPerAttachment must be >= 1",
         ),
-        ({"pools": [{"master": "eth0", "resourceName": "cpu"}]}, "not an extended resource"),
-        ({"pools": [{"master": "eth0"}, {"master": "eth0"}]}, "appears in two pools"),
+        (
+            {"pools": [{"master": "eth0", "queues": "1", "resourceName": "cpu"}]},
+            "not an extended resource",
+        ),
+        (
+            {"pools": [{"master": "eth0", "queues": "1"}, {"master": "eth0", "queues": "2"}]},
+            "appears in two pools",
+        ),
         ({"pools": {"master": "eth0"}}, "must be a list"),
-        ({"nodes": {"n": {"pools": [{"master": "a:b"}]}}}, r"pools\[0\] of node n: .*resourceName"),
+        (
+            {"nodes": {"n": {"pools": [{"master": "a:b", "queues": "1"}]}}},
+            r"pools\[0\] of node n: .*resourceName",
+        ),
     ],
 )
 def test_pools_for_node_names_the_bad_entry(doc: dict[str, Any], message: str) -> None:
