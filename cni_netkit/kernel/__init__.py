@@ -2,10 +2,10 @@
 
 The only package that imports pyroute2.  ``Kernel`` implements the
 ``KernelAPI`` seam of ``types``; the dataclasses it returns are re-exported
-here.  ``Kernel`` is loaded on first use: importing pyroute2 0.9.7 runs its
-package ``__init__``, which imports every pyroute2 module (~0.13 s on a
-host, seconds in the test VM), and code that only needs the types (the
-``cni`` layer, unit tests) should not pay for that.
+here.  ``Kernel`` is loaded on first use, so code that only needs the types (the
+``cni`` layer, unit tests) pays nothing for pyroute2; and then only the
+pyroute2 modules it uses are loaded (``_pyroute2``: its package ``__init__``
+imports every pyroute2 feature).
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "Kernel":
-        from cni_netkit.kernel.api import Kernel  # noqa: PLC0415 - see the module docstring
+        from cni_netkit.kernel import _pyroute2  # noqa: PLC0415 - see the module docstring
+
+        _pyroute2.install()
+        from cni_netkit.kernel.api import Kernel  # noqa: PLC0415
 
         return Kernel
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
