@@ -448,23 +448,15 @@ def probe_annotation(report: ProbeReport) -> str:
 def release(att: Attachment, kernel: KernelAPI, *, state_dir: Path, cni_path: Path) -> None:
     """Run the plugin's DEL for ``att``, as the runtime would have.
 
-    The record does not keep the network config it was added with, so the
-    DEL's config is rebuilt from the record: netkit and lease are released,
-    but an IPAM allocation is **not** (the IPAM section is not recorded).
+    With the network config ADD recorded, so DEL also releases the IPAM
+    allocation, exactly as the runtime's own DEL would.
     """
     from cni_netkit.config import parse_invocation  # noqa: PLC0415 - pydantic only when GC runs
     from cni_netkit.plugin import commands  # noqa: PLC0415
 
-    conf = {
-        "cniVersion": "1.1.0",
-        "name": att.network,
-        "type": "netkit",
-        "master": att.master,
-        "queues": sorted({q.master_queue for q in att.queues}) or [0],
-        "pairing": att.pairing,
-        "mode": att.mode,
-        "stateDir": str(state_dir),
-    }
+    if att.netconf is None:
+        raise ValueError(f"attachment {att.key} has no recorded network config")
+    conf = {**att.netconf, "stateDir": str(state_dir)}
     environ = {
         "CNI_COMMAND": "DEL",
         "CNI_CONTAINERID": att.container_id,

@@ -92,6 +92,7 @@ def add(inv: Invocation, kernel: KernelAPI) -> Result:
         pod_namespace=inv.pod_namespace,
         pod_name=inv.pod_name,
         device_info_file=cfg.runtime_config.cni_device_info_file,
+        netconf={k: v for k, v in inv.raw.items() if k != "prevResult"},
         # The pod UID tells a pod from a later one reusing its name (the agent's annotations).
         extra={"pod_uid": inv.args["K8S_POD_UID"]} if inv.args.get("K8S_POD_UID") else {},
     )

@@ -78,6 +78,9 @@ class Attachment:
     pod_name: str | None = None
     device_info_file: str | None = None
     ipam: dict[str, Any] | None = None  # the delegated IPAM result, to release on DEL
+    # The network config ADD ran with (without prevResult): what a DEL on the
+    # runtime's behalf (the agent's GC) must hand the plugin and its IPAM.
+    netconf: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
