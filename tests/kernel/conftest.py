@@ -1,8 +1,8 @@
 """Fixtures for tests against a real Linux >= 7.0 kernel with netkit and netdevsim.
 
 These tests run inside the test VM (``scripts/vm run -- .venv/bin/python -m
-pytest tests/kernel``); anywhere else they are skipped with the reason.  The
-fixtures make what the product never does: netdevsim devices (the only
+pytest tests/kernel``); anywhere else tests/conftest.py skips them with the
+reason.  The fixtures make what the product never does: netdevsim devices (the only
 queue-leasing lessor QEMU can offer) and named network namespaces.
 """
 
@@ -19,30 +19,6 @@ import pytest
 
 from cni_netkit.kernel import Kernel
 from tests.kernel.support import NSIM_BUS, Nsim, del_netns, del_nsim, wait_for
-
-
-def _skip_reason() -> str | None:
-    release = os.uname().release
-    try:
-        major = int(release.split(".")[0])
-    except ValueError:
-        major = 0
-    if major < 7:
-        return f"needs Linux >= 7.0 with netkit and netdevsim, this is {release}: run in scripts/vm"
-    if not (NSIM_BUS / "new_device").exists():
-        return "needs the netdevsim module loaded (scripts/vm's guest loads it)"
-    if os.geteuid() != 0:
-        return "needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN)"
-    return None
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    reason = _skip_reason()
-    if reason is None:
-        return
-    for item in items:
-        if "kernel" in item.keywords:
-            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture
