@@ -252,6 +252,7 @@ def delete(inv: Invocation, kernel: KernelAPI) -> None:
     att = store.load(owner)
     netns = inv.netns or (att.netns if att else None)
     _teardown(inv, kernel, owner, netns, att)
+    fault_point("del:torn-down")
     store.remove(owner)
 
 
@@ -262,11 +263,14 @@ def _teardown(
     cfg = inv.config
     if netns:  # without a netns the pod side died with it (or never existed)
         _delete_if_ours(kernel, owner, owner.ifname, netns)
+        fault_point("del:pod")
     if cfg.pairing == "pair" or (att and att.host_ifname):
         _delete_if_ours(kernel, owner, host_ifname(owner), None)
+        fault_point("del:host")
     if cfg.ipam is not None:
         env = _delegate_env(inv, "DEL", owner, netns)
         ipam.delegate("DEL", str(cfg.ipam["type"]), inv.raw, env, inv.cni_path)
+        fault_point("del:ipam")
     deviceinfo.remove(att.device_info_file if att else cfg.runtime_config.cni_device_info_file)
 
 
@@ -409,16 +413,19 @@ def gc(inv: Invocation, kernel: KernelAPI, netns_paths: Iterable[str] | None = N
     failures: list[str] = []
     store = StateStore(cfg.state_dir)
     records = [a for a in store if is_stale(a.owner, cfg.name, valid)]
-    for att in records:
+    for n, att in enumerate(records, 1):
         try:
             _delete_ours(kernel, att)
+            fault_point(f"gc:devices:{n}")
             deviceinfo.remove(att.device_info_file)
             store.remove(att.owner)
             log.info("gc removed attachment", container_id=att.container_id, ifname=att.ifname)
+            fault_point(f"gc:record:{n}")
         except (NetkitError, OSError) as e:
             failures.append(f"{att.key}: {e}")
     tried = {a.owner for a in records}  # a failure there is reported once, not twice
     paths = _candidate_netns() if netns_paths is None else netns_paths
+    orphans = 0
     for netns, link in _netkit_devices(kernel, [None, *paths], failures):
         owner = Owner.from_alias(link.alias)
         if owner is None or owner in tried or not is_stale(owner, cfg.name, valid):
@@ -426,6 +433,8 @@ def gc(inv: Invocation, kernel: KernelAPI, netns_paths: Iterable[str] | None = N
         try:
             kernel.delete_link(link.index, netns=netns)
             log.info("gc removed orphan netkit", device=link.name, netns=netns)
+            orphans += 1
+            fault_point(f"gc:orphan:{orphans}")
         except (NetkitError, OSError) as e:
             failures.append(f"{link.name}@{netns}: {e}")
     if cfg.ipam is not None:
@@ -494,8 +503,23 @@ class InjectedFault(NetkitError):
 
 
 def fault_point(step: str) -> None:
-    """Test-only: ``CNI_NETKIT_TEST_FAULT=<step>`` fails ADD right after ``step``;
+    """Test-only: ``CNI_NETKIT_TEST_FAULT=<step>`` fails the command right after ``step``;
     ``<step>:kill`` SIGKILLs the process there instead (the crash suite).
+
+    Steps, each named after what has just been done:
+
+    - ADD: ``locked`` (the master's lock is held, nothing written yet),
+      ``created`` (intent record and netkit exist), ``leased:<n>`` (the n-th
+      queue is leased), ``ipam`` (IPAM allocated and configured), ``result``
+      (device-info and the final record written, the reply not yet printed).
+    - DEL: ``del:pod`` (pod-side netkit deleted), ``del:host`` (pair mode:
+      host side deleted), ``del:ipam`` (IPAM released), ``del:torn-down``
+      (device-info removed, the record not yet).
+    - GC: ``gc:devices:<n>`` (the n-th stale record's devices deleted, its
+      record not yet), ``gc:record:<n>`` (... and its record removed),
+      ``gc:orphan:<n>`` (the n-th unrecorded netkit of ours deleted). GC
+      carries on past errors, so a raised fault there counts as that item's
+      failure; ``:kill`` is what stops GC midway.
 
     Unset in production, where this is one dictionary lookup.
     """
