@@ -110,11 +110,12 @@ def add(inv: Invocation, kernel: KernelAPI) -> Result:
             leased = _lease_queues(kernel, cfg, master, pod_link, netns=netns, host_nsid=host_nsid)
         log.info("leased", queues=[q.master_queue for q in leased], netkit_queues=[
             q.netkit_queue for q in leased])
+        # Up before IPAM: the kernel refuses a route whose device is down (ENETDOWN).
+        _bring_up(kernel, pod_link, netns, host_link)
         ipam_result = None
         if cfg.ipam is not None:
             ipam_result = _ipam_add(inv, kernel, pod_link, host_link, undo)
             fault_point("ipam")
-        _bring_up(kernel, pod_link, netns, host_link)
         att = _replace(att, queues=leased, mac=pod_link.mac, netkit_ifindex=pod_link.index,
                        ipam=ipam_result)
         result = _result(inv, att, pod_link, host_link, ipam_result)
