@@ -93,12 +93,34 @@ class NetkitResult:
     mode: str
     interface: str  # the pod-side ifname (CNI_IFNAME)
     queues: tuple[NetkitQueue, ...]
+    # The attachment's pinned XSK map and the index of its first queue's socket
+    # there, when the master has AF_XDP steering (docs/af_xdp.md).
+    map_path: str | None = None
+    map_start_index: int | None = None
 
     @property
     def qemu_netdev(self) -> str:
-        """``ifname=<if>,queues=<N>,start-queue=<first id>`` for ``-netdev af-xdp``."""
+        """The ``-netdev af-xdp`` arguments for these queues.
+
+        ``ifname=<if>,queues=<N>,start-queue=<first id>``; with an XSK map,
+        ``ifname=…,mode=native,queues=…,start-queue=…,inhibit=on,map-path=…,
+        map-start-index=…``: QEMU loads no XDP program (a netkit refuses one)
+        and puts its sockets into the map the master's program redirects to.
+        """
         first = min((q.id for q in self.queues), default=1)
-        return f"ifname={self.interface},queues={len(self.queues)},start-queue={first}"
+        ifname = _qemu_value(self.interface)
+        if self.map_path is None:
+            return f"ifname={ifname},queues={len(self.queues)},start-queue={first}"
+        start = first if self.map_start_index is None else self.map_start_index
+        return (
+            f"ifname={ifname},mode=native,queues={len(self.queues)},start-queue={first},"
+            f"inhibit=on,map-path={_qemu_value(self.map_path)},map-start-index={start}"
+        )
+
+
+def _qemu_value(value: str) -> str:
+    """A QEMU option value: a comma is written doubled (an ifname may hold one)."""
+    return value.replace(",", ",,")
 
 
 @dataclass(frozen=True)
@@ -258,7 +280,7 @@ def _encode_dns(dns: DNS) -> dict[str, Any]:
 
 
 def _encode_netkit(nk: NetkitResult) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "master": nk.master,
         "pairing": nk.pairing,
         "mode": nk.mode,
@@ -266,6 +288,10 @@ def _encode_netkit(nk: NetkitResult) -> dict[str, Any]:
         "queues": [{"id": q.id, "masterQueue": q.master_queue} for q in nk.queues],
         "qemuNetdev": nk.qemu_netdev,
     }
+    if nk.map_path is not None:
+        out["mapPath"] = nk.map_path
+        out["mapStartIndex"] = nk.map_start_index
+    return out
 
 
 def _require_supported(version: str, what: str) -> None:
@@ -418,6 +444,9 @@ class _Decoder:
             mode=self.required_text(o.get("mode"), f"{path}.mode"),
             interface=self.required_text(o.get("interface"), f"{path}.interface"),
             queues=tuple(queues),
+            map_path=self.text(o.get("mapPath"), f"{path}.mapPath") or None,
+            map_start_index=self.integer(o.get("mapStartIndex"), f"{path}.mapStartIndex",
+                                         minimum=0),
         )
 
 

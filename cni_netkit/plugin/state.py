@@ -100,6 +100,9 @@ class Attachment:
             mode=self.mode,
             interface=self.ifname,
             queues=tuple(NetkitQueue(q.netkit_queue, q.master_queue) for q in self.queues),
+            # set by plugin.afxdp when the master has AF_XDP steering
+            map_path=self.extra.get("map_path"),
+            map_start_index=self.extra.get("map_start_index"),
         )
 
     @property
