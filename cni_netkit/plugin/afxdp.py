@@ -1,0 +1,317 @@
+"""AF_XDP steering of one attachment: what ADD, DEL, CHECK, STATUS and GC add for it.
+
+On a master the node agent has set up (``kernel.xsk.ensure_program`` pinned
+its maps and attached the XDP program), ADD of a ``single`` netkit gives the
+attachment its own XSK map, pinned where the pod can bind-mount it, and
+wires every leased physical queue into the master's outer map:
+
+    physical queue q (leased as netkit queue k)  ->  this map, index k
+
+Index = the queue id on the pod's netkit, so an application keying its
+sockets by queue id needs no arithmetic; QEMU puts queue i's socket at
+``map-start-index + i`` and binds it to netkit queue ``start-queue + i``, so
+``map-start-index`` is ``start-queue`` (the lowest leased netkit queue id).
+
+A pod sees only its own map, and the program consults only the map wired
+at the queue's own slot: writing any socket into any index of one pod's map
+can never redirect another pod's queue.
+
+Masters without the agent's maps (no agent, or AF_XDP steering not wanted)
+get leases only, as before: the result then has no ``mapPath``. Pair mode
+never gets a map: the kernel refuses AF_XDP on a netkit pair.
+
+Pins (``kernel.xsk.bpf_root()``, default ``/sys/fs/bpf/cni-netkit``)::
+
+    pods/<k8s namespace>/<pod name>/<attachment key>   with K8S_POD_* args
+    containers/<attachment key>                        without
+
+One directory per pod, known before the pod exists, so a pod spec can
+mount exactly its own (``manifests/examples/qemu-pod.yaml``); the file name
+is the attachment's record key (network, container id, ifname), so GC can
+tell whose a pin is even when the record is lost.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from cni_netkit.config import NetConf
+from cni_netkit.errors import CheckFailed, Degraded, InvalidConfig, NetkitError, NotAvailable
+from cni_netkit.kernel import xsk
+from cni_netkit.kernel.types import KernelAPI
+from cni_netkit.plugin.lock import master_lock
+from cni_netkit.plugin.state import Attachment, LeasedQueue, Owner, StateStore, attachment_key
+
+log = structlog.get_logger("cni_netkit.plugin")
+
+# Keys of Attachment.extra (the agent publishes map_path and map_start_index).
+MAP_PATH = "map_path"
+MAP_START_INDEX = "map_start_index"
+MAP_ID = "map_id"
+
+# Kubernetes namespace and pod names (DNS-1123 subdomain): safe as path components.
+_K8S_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+
+
+# --- pure decisions --------------------------------------------------------------------
+
+
+def pin_path(
+    root: Path, owner: Owner, pod_namespace: str | None, pod_name: str | None
+) -> Path:
+    """Where the attachment's XSK map is pinned (see the module docstring)."""
+    key = attachment_key(owner.network, owner.container_id, owner.ifname)
+    if _is_k8s_name(pod_namespace) and _is_k8s_name(pod_name):
+        return root / "pods" / str(pod_namespace) / str(pod_name) / key
+    return root / "containers" / key
+
+
+def _is_k8s_name(name: str | None) -> bool:
+    return bool(name) and name not in (".", "..") and _K8S_NAME.fullmatch(str(name)) is not None
+
+
+def slots(queues: Iterable[LeasedQueue]) -> tuple[xsk.XskSlot, ...]:
+    """Each leased physical queue steered to the index of its queue id on the netkit."""
+    return tuple(xsk.XskSlot(q.master_queue, q.netkit_queue) for q in sorted(
+        queues, key=lambda q: q.netkit_queue))
+
+
+def start_index(queues: Iterable[LeasedQueue]) -> int:
+    """QEMU's ``map-start-index``: its first queue's socket goes to this index."""
+    return min(q.netkit_queue for q in queues)
+
+
+def wiring_problems(
+    queues: Iterable[LeasedQueue], map_id: int, wired: dict[int, xsk.Wiring]
+) -> list[str]:
+    """How the outer map differs from what ADD wired for these queues (empty: as wired)."""
+    problems = []
+    for q in queues:
+        w = wired.get(q.master_queue)
+        if w is None:
+            problems.append(f"queue {q.master_queue} is not wired")
+        elif w.map_id != map_id:
+            problems.append(f"queue {q.master_queue} goes to map id {w.map_id}, not {map_id}")
+        elif w.index != q.netkit_queue:
+            problems.append(f"queue {q.master_queue} goes to index {w.index}, "
+                            f"not {q.netkit_queue}")
+    return problems
+
+
+def owner_of_pin(path: Path) -> Owner | None:
+    """The owner named by a pin's file name (a readable record key); None otherwise."""
+    parts = path.name.split(":")
+    if len(parts) != 3 or not all(parts):
+        return None  # a hashed key (very long container id) or not ours
+    return Owner(*parts)
+
+
+def dead_slots(wired: Iterable[int], leased: Iterable[int]) -> list[int]:
+    """Wired queues no netkit leases any more: no socket can be bound behind them."""
+    return sorted(set(wired) - set(leased))
+
+
+# --- ADD -------------------------------------------------------------------------------
+
+
+def wire(cfg: NetConf, att: Attachment, undo: ExitStack) -> Attachment:
+    """Create, pin and wire the attachment's XSK map; the attachment with it recorded.
+
+    Pushes its undos onto ``undo``. Nothing happens for pair mode or on a
+    master the agent has not set up.
+    """
+    if att.pairing != "single" or not att.queues or not _steering(att.master):
+        return att
+    highest = max(q.netkit_queue for q in att.queues)
+    if highest >= xsk.XSK_SLOTS:
+        raise InvalidConfig(
+            f"queuesPerAttachment {len(att.queues)} is too many for AF_XDP steering",
+            f"netkit queue {highest} needs XSK map index {highest}; the maps have "
+            f"{xsk.XSK_SLOTS} entries (0-{xsk.XSK_SLOTS - 1})",
+        )
+    root = xsk.bpf_root()
+    path = pin_path(root, att.owner, att.pod_namespace, att.pod_name)
+    with master_lock(cfg.state_dir, att.master, cfg.lock_timeout):
+        xsk_map = xsk.create_map(path)
+        undo.callback(_quietly, "unpin XSK map", lambda: xsk.remove_map(path, prune_below=root))
+        xsk.wire(att.master, xsk_map, slots(att.queues))
+        undo.callback(_quietly, "unwire XSK map", _unwire, cfg, att.master,
+                      [q.master_queue for q in att.queues], xsk_map.map_id)
+    log.info("wired XSK map", map_path=xsk_map.path, map_id=xsk_map.map_id,
+             slots=[(s.queue, s.index) for s in slots(att.queues)])
+    extra = {**att.extra, MAP_PATH: xsk_map.path, MAP_START_INDEX: start_index(att.queues),
+             MAP_ID: xsk_map.map_id}
+    return replace(att, extra=extra)
+
+
+# --- DEL and GC ------------------------------------------------------------------------
+
+
+def release(
+    cfg: NetConf, owner: Owner, att: Attachment | None,
+    pod_namespace: str | None = None, pod_name: str | None = None,
+) -> None:
+    """Unwire and unpin the attachment's XSK map; all of it already gone is fine.
+
+    The path comes from the record, else is derived from the request as ADD
+    derived it; the slots to empty are those still pointing at that map.
+    """
+    root = xsk.bpf_root()
+    master = att.master if att else cfg.master
+    recorded = att.extra.get(MAP_PATH) if att else None
+    if recorded:
+        path = Path(recorded)
+    elif att is not None:
+        path = pin_path(root, owner, att.pod_namespace, att.pod_name)
+    else:
+        path = pin_path(root, owner, pod_namespace, pod_name)
+    map_id = xsk.map_id(path) if path.exists() else None
+    if map_id is None and att is not None:
+        map_id = att.extra.get(MAP_ID)  # the pin was removed under us: slots may still point
+    if map_id is not None and _steering(master):
+        queues = [q.master_queue for q in att.queues] if att and att.queues else None
+        unwired = _unwire(cfg, master, queues, int(map_id))
+        if unwired:
+            log.info("unwired XSK map", map_id=map_id, queues=list(unwired))
+    if xsk.remove_map(path, prune_below=root):
+        log.info("unpinned XSK map", map_path=str(path))
+
+
+def _unwire(cfg: NetConf, master: str, queues: Iterable[int] | None, map_id: int
+            ) -> tuple[int, ...]:
+    """Empty the slots of ``queues`` (None: any) still pointing at ``map_id``, under the lock.
+
+    The master lock orders this against an ADD wiring a queue that was
+    released and leased again meanwhile.
+    """
+    with master_lock(cfg.state_dir, master, cfg.lock_timeout):
+        if queues is None:
+            queues = [q for q, w in xsk.wiring(master).items() if w.map_id == map_id]
+        return xsk.unwire(master, queues, map_id)
+
+
+def gc(
+    cfg: NetConf, kernel: KernelAPI, released: Iterable[Attachment],
+    valid: frozenset[tuple[str, str]], failures: list[str],
+) -> None:
+    """GC's AF_XDP part: maps of the records GC released, pins of stale owners, dead slots.
+
+    Carries on past errors, adding them to ``failures``.
+    """
+    done: set[Path] = set()
+    for att in released:
+        _try(failures, f"{att.key} XSK map", release, cfg, att.owner, att)
+        if att.extra.get(MAP_PATH):
+            done.add(Path(att.extra[MAP_PATH]))
+    root = xsk.bpf_root()
+    for path in xsk.pinned_maps(root / "pods") + xsk.pinned_maps(root / "containers"):
+        owner = owner_of_pin(path)
+        if path in done or owner is None or owner.network != cfg.name:
+            continue
+        if (owner.container_id, owner.ifname) not in valid:
+            _try(failures, f"{path}", _release_pin, cfg, path)
+    if _steering(cfg.master):
+        _try(failures, f"dead XSK slots of {cfg.master}", _sweep, cfg, kernel)
+
+
+def _release_pin(cfg: NetConf, path: Path) -> None:
+    map_id = xsk.map_id(path)
+    if map_id is not None and _steering(cfg.master):
+        _unwire(cfg, cfg.master, None, map_id)
+    xsk.remove_map(path, prune_below=xsk.bpf_root())
+    log.info("gc removed XSK map", map_path=str(path))
+
+
+def _sweep(cfg: NetConf, kernel: KernelAPI) -> None:
+    master = kernel.link(cfg.master)
+    if master is None:
+        return
+    with master_lock(cfg.state_dir, cfg.master, cfg.lock_timeout):
+        leased = [q.id for q in kernel.queues(master.index) if q.type == "rx" and q.lease]
+        wired = xsk.wiring(cfg.master)
+        for q in dead_slots(wired, leased):
+            if xsk.unwire(cfg.master, [q], wired[q].map_id):
+                log.info("gc unwired a queue no longer leased", queue=q, map_id=wired[q].map_id)
+
+
+# --- CHECK and STATUS ------------------------------------------------------------------
+
+
+def check(att: Attachment) -> None:
+    """Raise CheckFailed unless the attachment's map is pinned, wired as ADD left it, and
+    the master's program attached. Nothing to check when ADD made no map."""
+    recorded = att.extra.get(MAP_PATH)
+    if not recorded:
+        return
+    path = Path(recorded)
+    map_id = xsk.map_id(path)
+    if map_id is None:
+        raise CheckFailed(f"XSK map {path} is not pinned any more")
+    if att.extra.get(MAP_ID) not in (None, map_id):
+        raise CheckFailed(f"XSK map {path} was replaced",
+                          f"map id {map_id}, ADD pinned {att.extra[MAP_ID]}")
+    prog = xsk.program(att.master)
+    if not prog.attached:
+        raise CheckFailed(f"master {att.master} has no cni-netkit XDP program attached",
+                          _program_details(prog))
+    if not prog.steering:
+        raise CheckFailed(f"master {att.master} lost its AF_XDP steering maps")
+    wired = xsk.wiring(att.master, [q.master_queue for q in att.queues])
+    problems = wiring_problems(att.queues, map_id, wired)
+    if problems:
+        raise CheckFailed(f"XSK map {path} is not wired as ADD left it", "; ".join(problems))
+
+
+def status(cfg: NetConf) -> None:
+    """Raise NotAvailable (Degraded with wired attachments) when the agent set the
+    master up for AF_XDP steering but its XDP program is not attached."""
+    if not _steering(cfg.master):
+        return
+    prog = xsk.program(cfg.master)
+    if prog.attached or prog.ifindex is None:  # a missing master is STATUS's own finding
+        return
+    wired = [a for a in StateStore(cfg.state_dir)
+             if a.master == cfg.master and a.extra.get(MAP_PATH)]
+    cls = Degraded if wired else NotAvailable
+    raise cls(f"master {cfg.master} has no cni-netkit XDP program attached",
+              _program_details(prog) + (f"; {len(wired)} attachment(s) get no AF_XDP traffic"
+                                        if wired else ""))
+
+
+def _program_details(prog: xsk.XdpProgram) -> str:
+    if prog.other_prog_id is not None:
+        return f"another XDP program (id {prog.other_prog_id}) is attached instead"
+    return "the node agent (re)attaches it (cni_netkit.kernel.xsk.ensure_program)"
+
+
+# --- shared ----------------------------------------------------------------------------
+
+
+def _steering(master: str) -> bool:
+    """The agent pinned this master's maps: attachments on it get an XSK map.
+
+    A path check only, so masters without steering never load libbpf.
+    """
+    return (xsk.master_dir(master) / xsk.OUTER_MAP).exists()
+
+
+def _try(failures: list[str], what: str, fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except (NetkitError, OSError) as e:
+        failures.append(f"{what}: {e}")
+
+
+def _quietly(what: str, fn: Any, *args: Any) -> None:
+    """An undo step: its failure is logged, the other undos still run."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - an undo must never stop the other undos
+        log.error("undo step failed", step=what, error=str(e))
