@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,11 @@ from cni_netkit.pool import choose, format_pool, free_queues
 from cni_netkit.result import Interface, IPConfig, Result
 
 log = structlog.get_logger("cni_netkit.plugin")
+
+# The environment of the request in progress, where it is not the process's: the
+# node agent (``agent.server``) serves each relayed request in a context of its
+# own and sets it there. Unset, the request is this process's own (os.environ).
+request_environ: ContextVar[Mapping[str, str]] = ContextVar("cni_netkit_request_environ")
 
 # How often ADD re-reads the master and picks again when a queue it chose was
 # leased by someone outside our lock (a foreign control plane) in between.
@@ -524,7 +530,7 @@ def fault_point(step: str) -> None:
 
     Unset in production, where this is one dictionary lookup.
     """
-    spec = os.environ.get(FAULT_ENV)
+    spec = _environ().get(FAULT_ENV)
     if not spec:
         return
     kill = spec.endswith(":kill")
@@ -578,8 +584,8 @@ def _delegate_env(
 ) -> dict[str, str]:
     """The environment a delegated plugin sees: ours, rebuilt from the invocation.
 
-    Built from the invocation rather than os.environ so the same code serves
-    requests relayed by the node agent.
+    Built from the invocation (and the request's PATH) rather than os.environ,
+    so the same code serves requests relayed by the node agent.
     """
     env = {
         "CNI_COMMAND": command,
@@ -587,11 +593,16 @@ def _delegate_env(
         "CNI_NETNS": netns if netns is not None else (inv.netns or ""),
         "CNI_IFNAME": owner.ifname if owner else (inv.ifname or ""),
         "CNI_PATH": ":".join(inv.cni_path),
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "PATH": _environ().get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
     }
     if inv.args:
         env["CNI_ARGS"] = ";".join(f"{k}={v}" for k, v in inv.args.items())
     return env
+
+
+def _environ() -> Mapping[str, str]:
+    """The request's environment: the relayed one in the node agent, else ours."""
+    return request_environ.get(os.environ)
 
 
 def _host_route(address: str) -> str:
