@@ -159,6 +159,7 @@ class Runtime:
         assert p.stdin is not None
         p.stdin.write(json.dumps(conf))
         p.stdin.close()
+        p.stdin = None  # written and closed: communicate() must only read
         return p
 
 
