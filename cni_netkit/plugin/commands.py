@@ -35,7 +35,7 @@ from cni_netkit.errors import (
     QueueBusy,
 )
 from cni_netkit.kernel.types import KernelAPI, Link, NetkitSpec, PeerSpec, Queue
-from cni_netkit.plugin import deviceinfo, ipam
+from cni_netkit.plugin import afxdp, deviceinfo, ipam
 from cni_netkit.plugin.lock import master_lock
 from cni_netkit.plugin.state import Attachment, LeasedQueue, Owner, StateStore
 from cni_netkit.pool import choose, format_pool, free_queues
@@ -124,6 +124,7 @@ def add(inv: Invocation, kernel: KernelAPI) -> Result:
             fault_point("ipam")
         att = _replace(att, queues=leased, mac=pod_link.mac, netkit_ifindex=pod_link.index,
                        ipam=ipam_result)
+        att = afxdp.wire(cfg, att, undo)  # its own XSK map, on masters with AF_XDP steering
         result = _result(inv, att, pod_link, host_link, ipam_result)
         if att.device_info_file:
             deviceinfo.write(att.device_info_file, deviceinfo.device_info(result))
@@ -268,6 +269,8 @@ def _teardown(
 ) -> None:
     """Remove what ADD made for ``owner``; everything already gone is fine."""
     cfg = inv.config
+    # Stop steering the queues before they go back to the pool.
+    afxdp.release(cfg, owner, att, inv.pod_namespace, inv.pod_name)
     if netns:  # without a netns the pod side died with it (or never existed)
         _delete_if_ours(kernel, owner, owner.ifname, netns)
         fault_point("del:pod")
@@ -336,6 +339,7 @@ def check(inv: Invocation, kernel: KernelAPI) -> None:
     master = _master(kernel, cfg.master)
     for lq in att.queues:
         _check_lease(kernel, master, lq, link, netns)
+    afxdp.check(att)
     if cfg.ipam is not None:
         ipam.delegate("CHECK", str(cfg.ipam["type"]), inv.raw, _delegate_env(inv, "CHECK"),
                       inv.cni_path)
@@ -399,6 +403,7 @@ def status(inv: Invocation, kernel: KernelAPI) -> None:
             f"{len(free)} free, {cfg.queues_per_attachment} needed per attachment, "
             f"pool {format_pool(cfg.queues)}",
         )
+    afxdp.status(cfg)
 
 
 # --- GC ------------------------------------------------------------------------
@@ -422,6 +427,7 @@ def gc(inv: Invocation, kernel: KernelAPI, netns_paths: Iterable[str] | None = N
     records = [a for a in store if is_stale(a.owner, cfg.name, valid)]
     for n, att in enumerate(records, 1):
         try:
+            afxdp.release(cfg, att.owner, att)
             _delete_ours(kernel, att)
             fault_point(f"gc:devices:{n}")
             deviceinfo.remove(att.device_info_file)
@@ -444,6 +450,7 @@ def gc(inv: Invocation, kernel: KernelAPI, netns_paths: Iterable[str] | None = N
             fault_point(f"gc:orphan:{orphans}")
         except (NetkitError, OSError) as e:
             failures.append(f"{link.name}@{netns}: {e}")
+    afxdp.gc(cfg, kernel, valid, failures)
     if cfg.ipam is not None:
         try:
             env = _delegate_env(inv, "GC")
