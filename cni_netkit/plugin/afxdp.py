@@ -197,23 +197,17 @@ def _unwire(cfg: NetConf, master: str, queues: Iterable[int] | None, map_id: int
         return xsk.unwire(master, queues, map_id)
 
 
-def gc(
-    cfg: NetConf, kernel: KernelAPI, released: Iterable[Attachment],
-    valid: frozenset[tuple[str, str]], failures: list[str],
-) -> None:
-    """GC's AF_XDP part: maps of the records GC released, pins of stale owners, dead slots.
+def gc(cfg: NetConf, kernel: KernelAPI, valid: frozenset[tuple[str, str]],
+       failures: list[str]) -> None:
+    """GC's AF_XDP part beyond the records (each released like DEL does): pins of this
+    network's stale owners whose record is gone, and slots of queues nobody leases.
 
     Carries on past errors, adding them to ``failures``.
     """
-    done: set[Path] = set()
-    for att in released:
-        _try(failures, f"{att.key} XSK map", release, cfg, att.owner, att)
-        if att.extra.get(MAP_PATH):
-            done.add(Path(att.extra[MAP_PATH]))
     root = xsk.bpf_root()
     for path in xsk.pinned_maps(root / "pods") + xsk.pinned_maps(root / "containers"):
         owner = owner_of_pin(path)
-        if path in done or owner is None or owner.network != cfg.name:
+        if owner is None or owner.network != cfg.name:
             continue
         if (owner.container_id, owner.ifname) not in valid:
             _try(failures, f"{path}", _release_pin, cfg, path)
