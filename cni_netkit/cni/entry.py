@@ -7,40 +7,59 @@ log (``logFile`` or stderr).  ``main`` even moves file descriptor 1 onto
 stderr for the duration, so a stray ``print`` in a library cannot corrupt the
 reply.
 
-Module imports are the standard library and our two stdlib-only modules:
-VERSION is answered without pydantic, structlog or the plugin, and a plugin
-is started cold for every command (startup time is compared with Go plugins).
+Two paths, one reply.  Warm: when the node agent serves the CNI socket,
+``main`` relays the request to it (``cni.client``) and prints its answer; the
+agent runs this module's ``run`` on it.  Cold: without a usable agent,
+``main`` runs ``run`` here.  Module imports are the standard library only
+(not even ``typing``), so a warm invocation loads nothing else; the cold path
+imports the protocol helpers, then pydantic, structlog and the plugin only as
+each is needed (VERSION needs none of them).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
 import time
-from collections.abc import Mapping
-from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
-from cni_netkit import errors
-from cni_netkit.errors import SUPPORTED_VERSIONS
-from cni_netkit.result import error_json, version_json
+from cni_netkit.cni import client
 
+# The idiom type checkers honour without importing typing (~50 ms in the test VM).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import IO, Any, BinaryIO
+
     from structlog.typing import FilteringBoundLogger
+
+    from cni_netkit import errors
 
 # config.MAX_STDIN + 1 (config imports pydantic, so the number is repeated
 # here; a test pins the two together): one byte past the limit shows an
 # oversized config as such without reading an unbounded stream.
 _STDIN_LIMIT = (1 << 20) + 1
-# STATUS answers "not ready" through these codes; they are replies, not failures.
-_STATUS_REPLIES = (errors.NotAvailable, errors.Degraded)
+# Cold path only: pydantic's plugin loader scans every installed package's
+# entry points when the first model is built (~13 ms on a host, ~0.3 s in
+# the VM); we use no pydantic plugin.  pydantic documents this variable.
+_PYDANTIC_NO_PLUGINS = ("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 
 def main() -> None:
-    """Console script ``netkit``: run the CNI command in the environment, exit with its status."""
+    """Console script ``netkit``: run the CNI command in the environment, exit with its status.
+
+    Through the node agent when it takes the request (``cni.client.relay``),
+    here otherwise.
+    """
     reply = _take_stdout()
     try:
-        status = run(os.environ, _stdin(), reply)
+        stdin = _stdin()
+        status = None
+        if client.enabled(os.environ):
+            status, stdin = _relay(stdin, reply)
+        if status is None:
+            status = _run_cold(stdin, reply)
     except BrokenPipeError:
         # The runtime stopped reading our reply: nothing left to tell it. Point
         # the reply stream at /dev/null so closing it at exit cannot fail again.
@@ -52,16 +71,77 @@ def main() -> None:
 def run(environ: Mapping[str, str], stdin: BinaryIO | None, out: IO[str]) -> int:
     """Handle one invocation: its reply, if any, as one JSON line on ``out``; the exit status."""
     reply, status = _handle(environ, stdin)
+    _write(out, reply)
+    return status
+
+
+def _relay(stdin: BinaryIO | None, out: IO[str]) -> tuple[int | None, BinaryIO | None]:
+    """The warm path: (the exit status of the agent's run, or None to run it here; stdin).
+
+    ``stdin`` is read first (the agent needs it), so the stdin returned for
+    the cold path is a replay of the same bytes, or of the same read failure.
+    """
+    try:
+        data = b"" if stdin is None else stdin.read(_STDIN_LIMIT)
+    except OSError as e:
+        return None, _Unreadable(e)
+    try:
+        relayed = client.relay(os.environ, data)
+    except client.AgentLost as lost:
+        reply, status = _lost(lost, data)
+        _write(out, reply)
+        return status, None
+    if relayed is None:
+        return None, io.BytesIO(data)
+    text, status = relayed
+    out.write(text)
+    out.flush()
+    return status, None
+
+
+def _run_cold(stdin: BinaryIO | None, out: IO[str]) -> int:
+    """The cold path: this process runs the command, lighter on imports than a library would be."""
+    from cni_netkit import logs  # noqa: PLC0415 - not on the warm path
+
+    logs.skip_optional_extras()
+    os.environ.setdefault(*_PYDANTIC_NO_PLUGINS)
+    return run(os.environ, stdin, out)
+
+
+def _lost(lost: client.AgentLost, data: bytes) -> tuple[dict[str, Any], int]:
+    """The reply when the agent took the request and was lost: try again later (11)."""
+    from cni_netkit import errors  # noqa: PLC0415
+    from cni_netkit.result import error_json  # noqa: PLC0415
+
+    err = errors.TryAgainLater(lost.msg, lost.details)
+    _log_failure(err)
+    return error_json(err, _reply_version(data)), 1
+
+
+def _write(out: IO[str], reply: dict[str, Any] | None) -> None:
     if reply is not None:
         out.write(json.dumps(reply) + "\n")
         out.flush()
-    return status
+
+
+class _Unreadable(io.BytesIO):
+    """Replays a stdin read failure to the cold path, which reports it as it always has."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__()
+        self._error = error
+
+    def read(self, size: int | None = -1) -> bytes:
+        raise self._error
 
 
 def _handle(
     environ: Mapping[str, str], stdin: BinaryIO | None
 ) -> tuple[dict[str, Any] | None, int]:
     """The reply object (or None) and the exit status; raises for no request's sake."""
+    from cni_netkit import errors  # noqa: PLC0415 - not on the warm path
+    from cni_netkit.result import error_json, version_json  # noqa: PLC0415 - stdlib only
+
     data = b""
     try:
         data = _read(stdin)
@@ -82,6 +162,8 @@ def _handle(
 
 
 def _read(stdin: BinaryIO | None) -> bytes:
+    from cni_netkit import errors  # noqa: PLC0415
+
     if stdin is None:
         return b""
     try:
@@ -125,6 +207,8 @@ def _execute(environ: Mapping[str, str], data: bytes) -> tuple[dict[str, Any] | 
 
 def _requested_version(data: bytes) -> str | None:
     """The request's ``cniVersion`` if it is one we speak, read leniently."""
+    from cni_netkit.errors import SUPPORTED_VERSIONS  # noqa: PLC0415
+
     if len(data) >= _STDIN_LIMIT:
         return None
     try:
@@ -136,13 +220,19 @@ def _requested_version(data: bytes) -> str | None:
 
 def _reply_version(data: bytes) -> str:
     """The version an error reply speaks: the request's, or our newest when it has none we know."""
+    from cni_netkit.errors import SUPPORTED_VERSIONS  # noqa: PLC0415
+
     return _requested_version(data) or SUPPORTED_VERSIONS[-1]
 
 
 def _log_failure(err: errors.NetkitError) -> None:
+    from cni_netkit import errors  # noqa: PLC0415
+
     log = _logger()
     if log is not None:
-        method = log.info if isinstance(err, _STATUS_REPLIES) else log.error
+        # STATUS answers "not ready" through these codes; they are replies, not failures.
+        replies = (errors.NotAvailable, errors.Degraded)
+        method = log.info if isinstance(err, replies) else log.error
         method("command failed", code=err.code, msg=err.msg, details=err.details)
 
 
