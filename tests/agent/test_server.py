@@ -1,0 +1,342 @@
+"""The agent's CNI socket: private, root only, concurrent, each request isolated.
+
+``commands.run`` is replaced by a fake here (the real one needs a 7.x kernel;
+tests/e2e/test_warm_path.py runs it through the agent in the VM), so these
+tests look at what the server adds: who is served, what each request sees,
+what survives a request, and shutting down.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from cni_netkit.agent import server
+from cni_netkit.cni import client
+from cni_netkit.config import Invocation
+from cni_netkit.plugin import commands
+from cni_netkit.result import Interface, Result
+
+REPO = Path(__file__).resolve().parents[2]
+CONF = {"cniVersion": "1.1.0", "name": "net", "type": "netkit", "master": "eth0", "queues": "8-15"}
+NOBODY = 65534
+
+
+def env_for(i: int, **extra: str) -> dict[str, str]:
+    return {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": f"c{i}",
+        "CNI_NETNS": "/var/run/netns/not-there",  # the fake plugin never looks
+        "CNI_IFNAME": "net1",
+        "PATH": f"/path/of/request/{i}",
+        **extra,
+    }
+
+
+def conf(**over: Any) -> bytes:
+    return json.dumps({**CONF, **over}).encode()
+
+
+class FakePlugin:
+    """Stands in for ``commands.run``: records what each request saw, optionally waits."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.gate: Callable[[], None] = lambda: None
+        self.lock = threading.Lock()
+
+    def run(self, inv: Invocation, kernel: Any = None) -> Result | None:
+        structlog.get_logger("fake").info("fake plugin ran", own=inv.container_id)
+        seen = {
+            "container_id": inv.container_id,
+            "fault": commands._environ().get(commands.FAULT_ENV),
+            "delegate_path": commands._delegate_env(inv, "ADD")["PATH"],
+        }
+        with self.lock:
+            self.seen.append(seen)
+        self.gate()
+        return Result(interfaces=(Interface(name=str(inv.container_id)),))
+
+
+@pytest.fixture
+def plugin(monkeypatch: pytest.MonkeyPatch) -> FakePlugin:
+    fake = FakePlugin()
+    monkeypatch.setattr(commands, "run", fake.run)
+    return fake
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> Path:
+    return tmp_path / "run" / "cni.sock"
+
+
+@pytest.fixture
+def agent(sock_path: Path) -> Iterator[server.Server]:
+    with server.Server(sock_path) as srv:
+        yield srv
+
+
+def relay(path: Path, env: dict[str, str], stdin: bytes, **kw: Any) -> tuple[str, int] | None:
+    return client.relay(env, stdin, path=str(path), **kw)
+
+
+# --- the socket -------------------------------------------------------------------------
+
+
+def test_socket_is_root_only_in_a_private_directory(agent: server.Server) -> None:
+    d, s = agent.path.parent.stat(), agent.path.stat()
+    assert stat.S_IMODE(d.st_mode) == 0o700 and d.st_uid == 0
+    assert stat.S_ISSOCK(s.st_mode) and stat.S_IMODE(s.st_mode) == 0o600 and s.st_uid == 0
+
+
+def test_a_stale_socket_is_replaced(sock_path: Path, plugin: FakePlugin) -> None:
+    sock_path.parent.mkdir(mode=0o700)
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(sock_path))
+    dead.close()
+    with server.Server(sock_path):
+        assert relay(sock_path, env_for(1), conf()) is not None
+
+
+def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(PermissionError, match="writable by others"):
+        server.Server(shared / "cni.sock").start()
+
+
+# --- who is served ----------------------------------------------------------------------
+
+
+def test_only_allowed_uids_are_served(
+    sock_path: Path, plugin: FakePlugin, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with server.Server(sock_path, allowed_uids=frozenset({12345})):
+        assert relay(sock_path, env_for(1), conf()) is None
+    assert plugin.seen == []
+    notes = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
+    assert any(n.get("reason") == "agent refused: uid 0 is not served" for n in notes)
+
+
+def test_a_non_root_peer_is_refused_by_its_credentials(agent: server.Server) -> None:
+    # The child gets past the 0700 directory with fsuid 0 while its effective
+    # uid, which SO_PEERCRED reports, is nobody's.
+    verdict = _in_child(lambda: _handshake_as(NOBODY, agent.path, fsuid=0))
+    assert verdict == "N:uid 65534 is not served"
+
+
+def test_a_non_root_process_cannot_reach_the_socket(agent: server.Server) -> None:
+    verdict = _in_child(lambda: _handshake_as(NOBODY, agent.path, fsuid=None))
+    assert verdict.startswith("PermissionError")
+
+
+def test_a_request_from_another_netns_view_is_refused(agent: server.Server) -> None:
+    env = env_for(1, CNI_NETNS="/proc/self/ns/net")
+    meta = {"netns": client.ns_id("/proc/self/ns/net"), "cni_netns": "-"}  # "gone" over there
+    assert _raw_verdict(agent.path, env, meta).startswith(
+        "N:CNI_NETNS /proc/self/ns/net is another namespace"
+    )
+    assert _raw_verdict(agent.path, env_for(1), {"netns": "1:2", "cni_netns": "-"}) == (
+        "N:the executable runs in another network namespace than the agent"
+    )
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+def test_concurrent_requests_each_see_only_their_own_environment_and_log(
+    agent: server.Server, plugin: FakePlugin, tmp_path: Path
+) -> None:
+    barrier = threading.Barrier(server.DEFAULT_WORKERS, timeout=20)
+    plugin.gate = barrier.wait  # proves DEFAULT_WORKERS requests run at the same time
+    n = 2 * server.DEFAULT_WORKERS
+    replies: dict[int, tuple[str, int] | None] = {}
+
+    def one(i: int) -> None:
+        env = env_for(i, CNI_NETKIT_TEST_FAULT=f"never-{i}")
+        replies[i] = relay(agent.path, env, conf(logFile=str(tmp_path / f"c{i}.log")))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+    for i in range(n):
+        text, status = replies[i] or ("", -1)
+        assert status == 0
+        assert json.loads(text)["interfaces"] == [{"name": f"c{i}"}]
+    assert sorted(plugin.seen, key=lambda s: s["container_id"]) == sorted(
+        (
+            {"container_id": f"c{i}", "fault": f"never-{i}",
+             "delegate_path": f"/path/of/request/{i}"}
+            for i in range(n)
+        ),
+        key=lambda s: s["container_id"],
+    )
+    for i in range(n):
+        lines = [json.loads(x) for x in (tmp_path / f"c{i}.log").read_text().splitlines()]
+        assert lines, f"c{i} logged nothing"
+        assert {line["container_id"] for line in lines} == {f"c{i}"}
+        assert {line["pid"] for line in lines} == {os.getpid()}  # the executable's pid
+        assert any(line.get("own") == f"c{i}" for line in lines)
+    assert commands.FAULT_ENV not in os.environ
+    assert commands.request_environ.get(None) is None  # nothing leaked into this context
+
+
+def test_a_withdrawn_request_is_never_run(agent: server.Server, plugin: FakePlugin) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(agent.path))
+        s.sendall(client.request(env_for(1), conf()))
+        assert s.recv(1) == client.READY
+    time.sleep(0.3)  # the agent reads EOF where GO would be
+    assert plugin.seen == []
+
+
+def test_heartbeats_carry_a_slow_request_past_the_silence_limit(
+    sock_path: Path, plugin: FakePlugin
+) -> None:
+    plugin.gate = lambda: time.sleep(0.8)
+    with server.Server(sock_path, heartbeat=0.05):
+        got = relay(sock_path, env_for(1), conf(), silence_limit=0.3)
+    assert got is not None and got[1] == 0
+
+
+def test_past_max_connections_clients_are_refused_and_run_themselves(
+    sock_path: Path, plugin: FakePlugin
+) -> None:
+    release = threading.Event()
+    plugin.gate = lambda: release.wait(10)
+    with server.Server(sock_path, max_connections=1):
+        first = threading.Thread(target=relay, args=(sock_path, env_for(1), conf()))
+        first.start()
+        _wait_for(lambda: len(plugin.seen) == 1)
+        assert relay(sock_path, env_for(2), conf()) is None
+        release.set()
+        first.join(10)
+
+
+def test_close_removes_the_socket_and_lets_requests_in_flight_finish(
+    sock_path: Path, plugin: FakePlugin
+) -> None:
+    release = threading.Event()
+    plugin.gate = lambda: release.wait(10)
+    srv = server.Server(sock_path).start()
+    got: list[tuple[str, int] | None] = []
+    inflight = threading.Thread(target=lambda: got.append(relay(sock_path, env_for(1), conf())))
+    inflight.start()
+    _wait_for(lambda: len(plugin.seen) == 1)
+    closing = threading.Thread(target=srv.close)
+    closing.start()
+    _wait_for(lambda: not sock_path.exists())
+    assert relay(sock_path, env_for(2), conf()) is None  # new requests: cold, at once
+    release.set()
+    inflight.join(10)
+    closing.join(10)
+    assert got[0] is not None and json.loads(got[0][0])["interfaces"] == [{"name": "c1"}]
+
+
+def test_close_leaves_a_newer_agents_socket_alone(sock_path: Path) -> None:
+    old = server.Server(sock_path).start()
+    with server.Server(sock_path):  # the new agent of a rolling update takes the path over
+        old.close()
+        assert sock_path.exists()
+
+
+def test_python_dash_m_serves_until_sigterm(sock_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cni_netkit.agent.server", "--socket", str(sock_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for(sock_path.exists, timeout=60)
+        got = relay(sock_path, {"CNI_COMMAND": "VERSION"}, b'{"cniVersion": "0.4.0"}')
+        assert got is not None and json.loads(got[0])["cniVersion"] == "0.4.0"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out == b""  # stdout is never ours to write
+    assert not sock_path.exists()
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def _raw_verdict(path: Path, env: dict[str, str], meta: dict[str, str]) -> str:
+    """Send a request with hand-made identity ``meta``; "R" or "N:<reason>"."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(path))
+        s.sendall(
+            client.MAGIC
+            + client.frame(client.env_block(env.items()))
+            + client.frame(client.env_block(meta.items()))
+            + client.frame(conf())
+        )
+        return _verdict(s)
+
+
+def _verdict(s: socket.socket) -> str:
+    s.settimeout(10)
+    kind = s.recv(1)
+    if kind != client.REFUSED:
+        return kind.decode()
+    size = int.from_bytes(s.recv(4), "big")
+    return "N:" + s.recv(size).decode()
+
+
+def _handshake_as(uid: int, path: Path, *, fsuid: int | None) -> str:
+    """In a child: become ``uid`` (keeping 0 as saved uid for ``fsuid``), then handshake."""
+    os.setresuid(uid, uid, 0)
+    if fsuid is not None:
+        ctypes.CDLL(None, use_errno=True).setfsuid(fsuid)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError as e:
+            return type(e).__name__
+        s.sendall(client.request(env_for(1), conf()))
+        return _verdict(s)
+
+
+def _in_child(fn: Callable[[], str]) -> str:
+    """Run ``fn`` in a forked child (its uid changes must not touch pytest); its result."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_fd, fn().encode())
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            os.write(write_fd, f"child failed: {e!r}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as f:
+        result = f.read().decode()
+    os.waitpid(pid, 0)
+    return result
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
