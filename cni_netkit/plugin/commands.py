@@ -430,6 +430,7 @@ def gc(inv: Invocation, kernel: KernelAPI, netns_paths: Iterable[str] | None = N
             afxdp.release(cfg, att.owner, att)
             _delete_ours(kernel, att)
             fault_point(f"gc:devices:{n}")
+            _release_ipam(inv, att.owner)
             deviceinfo.remove(att.device_info_file)
             store.remove(att.owner)
             log.info("gc removed attachment", container_id=att.container_id, ifname=att.ifname)
@@ -439,11 +440,16 @@ def gc(inv: Invocation, kernel: KernelAPI, netns_paths: Iterable[str] | None = N
     tried = {a.owner for a in records}  # a failure there is reported once, not twice
     paths = _candidate_netns() if netns_paths is None else netns_paths
     orphans = 0
+    released: set[Owner] = set()
     for netns, link in _netkit_devices(kernel, [None, *paths], failures):
         owner = Owner.from_alias(link.alias)
         if owner is None or owner in tried or not is_stale(owner, cfg.name, valid):
             continue
         try:
+            if owner not in released:  # a pair's two sides: one release
+                # Before the device goes: it is the only trace of this attachment left.
+                _release_ipam(inv, owner)
+                released.add(owner)
             kernel.delete_link(link.index, netns=netns)
             log.info("gc removed orphan netkit", device=link.name, netns=netns)
             orphans += 1
@@ -459,6 +465,18 @@ def gc(inv: Invocation, kernel: KernelAPI, netns_paths: Iterable[str] | None = N
             failures.append(f"ipam: {e}")
     if failures:
         raise NetkitError(f"GC left {len(failures)} item(s) behind", "; ".join(failures))
+
+
+def _release_ipam(inv: Invocation, owner: Owner) -> None:
+    """Release ``owner``'s IPAM address as its DEL would have (GC runs instead of that DEL).
+
+    The IPAM GC at the end is not enough: host-local (reference plugins 1.9.1)
+    implements no GC, so every attachment GC removed would keep its address.
+    """
+    cfg = inv.config
+    if cfg.ipam is not None:
+        env = _delegate_env(inv, "DEL", owner, "")
+        ipam.delegate("DEL", str(cfg.ipam["type"]), inv.raw, env, inv.cni_path)
 
 
 def is_stale(owner: Owner, network: str, valid: frozenset[tuple[str, str]]) -> bool:
