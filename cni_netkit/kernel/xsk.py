@@ -161,11 +161,7 @@ def program(master: str, *, root: Path | None = None) -> XdpProgram:
         return _with_other(state, query, None)
     with _fd(bpf.prog_fd_by_id(link.prog_id)) as prog_fd:
         prog = bpf.prog_info(prog_fd)
-    outer_fd = _open_pin(d / OUTER_MAP)
-    outer_id = None
-    if outer_fd is not None:
-        with _fd(outer_fd):
-            outer_id = bpf.map_info(outer_fd).id
+    outer_id = map_id(d / OUTER_MAP)
     mode: XdpMode | None = None
     if query.drv_prog_id == prog.id:
         mode = "native"
@@ -208,13 +204,16 @@ def ensure_program(master: str, obj_path: str, *, root: Path | None = None) -> P
         prog_fd = obj.prog_fd(PROGRAM)
     with _fd(prog_fd):
         new = bpf.prog_info(prog_fd)
+        # The maps every version must share: the pinned ones, which new reuses.
+        shared = set(new.map_ids) & {map_id(d / OUTER_MAP), map_id(d / SLOT_MAP)}
         link_fd = _live_link(d / LINK_PIN, ifindex)
         if link_fd is not None:
             with _fd(link_fd):
                 old_id = bpf.link_info(link_fd).prog_id
                 with _fd(bpf.prog_fd_by_id(old_id)) as old_fd:
                     old = bpf.prog_info(old_fd)
-                    if (old.tag, sorted(old.map_ids)) == (new.tag, sorted(new.map_ids)):
+                    # Same code on the same pinned maps (its private maps may differ).
+                    if old.tag == new.tag and shared <= set(old.map_ids):
                         return ProgramChange("unchanged", program(master, root=root))
                     bpf.link_update(link_fd, prog_fd, expected_prog_fd=old_fd)
             return ProgramChange("replaced", program(master, root=root))
