@@ -303,11 +303,18 @@ def create_map(path: Path) -> XskMap:
     A pin already there is replaced: the path is derived from the attachment's
     owner, so it can only be the leftover of an earlier ADD of the same owner.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd = bpf.map_create(bpf.BPF_MAP_TYPE_XSKMAP, "cnk_xsks", 4, 4, XSK_SLOTS)
     with _fd(fd):
-        path.unlink(missing_ok=True)
-        bpf.obj_pin(fd, str(path))
+        # Twice: a DEL of a neighbour may prune an emptied parent between our mkdir and pin.
+        for attempt in range(2):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.unlink(missing_ok=True)
+                bpf.obj_pin(fd, str(path))
+                break
+            except (NotFound, FileNotFoundError):
+                if attempt:
+                    raise
         return XskMap(str(path), bpf.map_info(fd).id)
 
 
