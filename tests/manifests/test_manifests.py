@@ -283,7 +283,10 @@ def test_qemu_pod_passes_the_published_lease_to_qemu(tmp_path: Path) -> None:
         queues=(LeasedQueue(1, 12),),
         pod_namespace="default",
         pod_name="qemu-afxdp",
-        extra={"map_path": "/sys/fs/bpf/cni-netkit/default/qemu-afxdp/xsks", "map_start_index": 0},
+        extra={
+            "map_path": "/sys/fs/bpf/cni-netkit/pods/default/qemu-afxdp/netkit-ens1f0np0:c1:net1",
+            "map_start_index": 1,
+        },
     )
     other = Attachment(**{**att.__dict__, "ifname": "net2", "extra": {}})
     value = leases_value([other, att])
@@ -294,11 +297,29 @@ def test_qemu_pod_passes_the_published_lease_to_qemu(tmp_path: Path) -> None:
         line.removeprefix("ARG ") for line in done.stdout.splitlines() if line.startswith("ARG ")
     ]
     netdev = args[args.index("-netdev") + 1]
+    # The map as this pod mounts it: its own pin directory at /run/netkit/xsk.
     assert netdev == (
-        "af-xdp,id=net0,mode=native,inhibit=on,ifname=net1,queues=1,start-queue=1,"
-        "map-path=/sys/fs/bpf/cni-netkit/default/qemu-afxdp/xsks,map-start-index=0"
+        "af-xdp,id=net0,ifname=net1,mode=native,queues=1,start-queue=1,inhibit=on,"
+        "map-path=/run/netkit/xsk/netkit-ens1f0np0:c1:net1,map-start-index=1"
     )
     assert re.search(r"mac=02:00:00:00:00:10", " ".join(args))
+    (mount,) = [m for m in qemu_pod()["spec"]["containers"][0]["volumeMounts"]
+                if m["mountPath"] == "/run/netkit/xsk"]
+    (volume,) = [v for v in qemu_pod()["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["hostPath"]["path"] == str(Path(att.extra["map_path"]).parent)
+
+
+@needs_jq
+def test_qemu_pod_refuses_a_lease_without_an_xsk_map(tmp_path: Path) -> None:
+    att = Attachment(
+        container_id="c1", ifname="net1", netns="/var/run/netns/x", network="n",
+        master="ens1f0np0", pairing="single", mode="l2", mac=None, mtu=None,
+        queues=(LeasedQueue(1, 12),),
+    )
+    done = run_qemu_entrypoint(tmp_path, leases_value([att]) or "")
+    assert done.returncode == 1
+    assert "net1 has no XSK map" in done.stderr
+    assert "ARG" not in done.stdout
 
 
 @needs_jq
