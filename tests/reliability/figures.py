@@ -34,6 +34,11 @@ class Suite:
         if len(self.notes) < _MAX_NOTES:
             self.notes.append(text)
 
+    def failed(self, text: str) -> None:
+        """One failure found without raising (a suite that goes on to find them all)."""
+        self.failures += 1
+        self.note(text)
+
     @contextmanager
     def case(self, label: str) -> Iterator[Case]:
         """One case: counted when entered, a failure if it raises."""
@@ -87,6 +92,9 @@ class Figures:
                                    for i, (c, w) in enumerate(zip(r, widths, strict=True))))
             if n == 0 or n == len(rows) - 2:
                 lines.append("  ".join("-" * w for w in widths))
+        for s in self.suites.values():
+            if s.info:
+                lines.append(f"{s.name}: " + ", ".join(f"{k}={v}" for k, v in s.info.items()))
         return lines
 
     def to_json(self, **extra: Any) -> str:
