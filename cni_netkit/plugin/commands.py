@@ -281,7 +281,10 @@ def _teardown(
         env = _delegate_env(inv, "DEL", owner, netns)
         ipam.delegate("DEL", str(cfg.ipam["type"]), inv.raw, env, inv.cni_path)
         fault_point("del:ipam")
-    deviceinfo.remove(att.device_info_file if att else cfg.runtime_config.cni_device_info_file)
+    if att is not None:
+        # Only the file ADD wrote, as recorded: a path on stdin is no proof of that,
+        # and removing whatever it names would let the caller unlink any file as root.
+        deviceinfo.remove(att.device_info_file)
 
 
 def _delete_if_ours(kernel: KernelAPI, owner: Owner, name: str, netns: str | None) -> None:
