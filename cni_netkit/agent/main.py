@@ -50,6 +50,7 @@ from cni_netkit.agent import install, nicprep, publish
 from cni_netkit.agent.probe import ProbeReport, probe
 from cni_netkit.config import DEFAULT_STATE_DIR
 from cni_netkit.errors import NetkitError
+from cni_netkit.kernel import xsk
 from cni_netkit.kernel.ethtool import EthtoolAPI
 from cni_netkit.kernel.types import KernelAPI
 from cni_netkit.plugin.state import Attachment, StateStore
@@ -82,6 +83,8 @@ class AgentConfig:
     kube_url: str | None = None
     kubeconfig: str | None = None
     run_dir: Path | None = None  # for the status file; default: <state_dir>/agent
+    # The AF_XDP steering program (docs/af_xdp.md) for every pool master; None: none
+    bpf_object: Path | None = None
 
     @property
     def status_file(self) -> Path:
@@ -105,6 +108,7 @@ _KEYS = {
     "kubeUrl": ("kube_url", str),
     "kubeconfig": ("kubeconfig", str),
     "runDir": ("run_dir", Path),
+    "bpfObject": ("bpf_object", Path),
 }
 
 
@@ -115,6 +119,7 @@ _ENV = {
     "CNI_NETKIT_STATE_DIR": ("state_dir", Path),
     "CNI_NETKIT_CNI_BIN_DIR": ("cni_bin_dir", Path),
     "CNI_NETKIT_RUN_DIR": ("run_dir", Path),
+    "CNI_NETKIT_BPF_OBJECT": ("bpf_object", Path),
 }
 
 
@@ -262,6 +267,25 @@ class Agent:
             log.info("probe", finding=line)
         return report
 
+    def steer(self, pools: Sequence[publish.Pool], *, startup: bool) -> list[str]:
+        """Keep the AF_XDP steering program on every pool master (``xsk.reconcile``).
+
+        Never detached here: the data plane outlives the agent.
+        """
+        if self.cfg.bpf_object is None:
+            return []
+        problems = []
+        for master in sorted({p.master for p in pools}):
+            try:
+                change = xsk.reconcile(master, str(self.cfg.bpf_object), startup=startup)
+            except NetkitError as e:
+                problems.append(f"{master}: AF_XDP steering program: {e}")
+                continue
+            if change is not None:
+                log.info("AF_XDP steering program", master=master, action=change.action,
+                         mode=change.program.mode, native_refused=change.native_refused)
+        return problems
+
     # -- one pass --
 
     def run_pass(self, pools: Sequence[publish.Pool]) -> PassReport:
@@ -273,6 +297,7 @@ class Agent:
         attachments = list(self.store)
         kernel = self._kernel()
         try:
+            problems.extend(self.steer(pools, startup=False))
             report = probe(kernel, [(p.master, p.queues) for p in pools])
             nic = self._prepare_nics(pools, attachments)
             published = 0
@@ -557,6 +582,8 @@ def main(args: argparse.Namespace) -> int:
             return 1 if problems else 0
         agent.install()
         agent.probe(pools)
+        for problem in agent.steer(pools, startup=True):
+            log.warning("start-up problem", problem=problem)
     except NetkitError as e:
         log.error("agent cannot start", error=str(e))
         return 1

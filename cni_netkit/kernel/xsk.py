@@ -221,6 +221,18 @@ def ensure_program(master: str, obj_path: str, *, root: Path | None = None) -> P
     return ProgramChange("attached", program(master, root=root), refused)
 
 
+def reconcile(master: str, obj_path: str, *, startup: bool, root: Path | None = None
+              ) -> ProgramChange | None:
+    """The node agent's call: ``ensure_program`` at start-up (where an upgrade takes
+    effect); on later passes only when the master has no program of ours (its driver
+    was reloaded, an earlier attach failed). None when nothing was to be done."""
+    if not startup:
+        state = program(master, root=root)
+        if state.attached or state.ifindex is None:
+            return None
+    return ensure_program(master, obj_path, root=root)
+
+
 def _live_link(pin: Path, ifindex: int) -> int | None:
     """The pinned link's fd if it still holds a program on ``ifindex``; unpins a dead one."""
     link_fd = _open_pin(pin)

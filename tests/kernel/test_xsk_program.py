@@ -165,8 +165,11 @@ def test_recreated_master_is_reported_without_program_until_reattached(
     assert lost.steering and not lost.attached and lost.ifindex == new.ifindex
     assert xdp_on(name) == []
 
-    change = xsk.ensure_program(name, bpf_object(), root=root)
+    # The agent's pass: re-attached because it is missing, and only then.
+    change = xsk.reconcile(name, bpf_object(), startup=False, root=root)
+    assert change is not None
     assert change.action == "attached" and change.program.mode == "native"
+    assert xsk.reconcile(name, bpf_object(), startup=False, root=root) is None
     assert change.program.link_id != first.link_id
     assert change.program.outer_map_id == first.outer_map_id  # the maps outlived the device
     assert xsk.verdict(name, 1, FRAME, root=root) == XDP_PASS
