@@ -433,6 +433,11 @@ class Agent:
         for master in self.nic_store.masters():
             rep = nicprep.reconcile(self._ethtool, self.nic_store, master, (), ())
             problems.extend(f"{master}: {e}" for e in rep.errors)
+        if self.cfg.bpf_object is not None:
+            for master in sorted({p.master for p in pools}):
+                # Pods still wired lose their AF_XDP traffic: drain the node first.
+                if xsk.remove_program(master):
+                    log.info("AF_XDP steering program removed", master=master)
         removed = install.uninstall(self.cfg.cni_bin_dir)
         log.info("CNI executable removed", removed=[str(p) for p in removed])
         if self._kube is not None:

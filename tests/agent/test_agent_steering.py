@@ -72,3 +72,14 @@ def test_object_path_comes_from_the_config_file_or_the_environment(tmp_path: Pat
     assert load_config(str(conf), environ={}).bpf_object == Path("/a/x.bpf.o")
     env = {"CNI_NETKIT_BPF_OBJECT": "/b/x.bpf.o"}
     assert load_config(str(conf), environ=env).bpf_object == Path("/b/x.bpf.o")
+
+
+def test_uninstall_detaches_the_program_of_every_pool_master(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    removed: list[str] = []
+    monkeypatch.setattr(xsk, "remove_program", lambda master: removed.append(master) or True)
+    a = agent(tmp_path, bpf_object=Path("/o/x.bpf.o"), cni_bin_dir=tmp_path / "bin")
+
+    assert a.uninstall(POOLS) == []
+    assert removed == ["eth0", "eth1"]

@@ -57,6 +57,11 @@ def test_program_attaches_in_native_mode_on_netdevsim(nsim: Nsim, root: Path) ->
     assert (outer["type"], outer["max_entries"]) == ("array_of_maps", xsk.XSK_QUEUES)
     assert outer["id"] in bpftool("prog", "show", "id", str(prog.prog_id))["map_ids"]
 
+    # Uninstall: unpinning the link detaches the program; the maps' pins go too.
+    assert xsk.remove_program(nsim.name, root=root)
+    assert xdp_on(nsim.name) == [] and not pins(root, nsim).exists()
+    assert not xsk.remove_program(nsim.name, root=root)
+
 
 def test_driver_refusing_native_xdp_gets_generic_mode(
     make_nsim: Callable[[int], Nsim], root: Path
