@@ -78,7 +78,7 @@ def add(inv: Invocation, kernel: KernelAPI) -> Result:
     cfg = inv.config
     netns, ifname = _require(inv.netns, "CNI_NETNS"), _require(inv.ifname, "CNI_IFNAME")
     owner = _owner(inv)
-    kernel.check_netns(netns)
+    _check_pod_netns(kernel, netns)
     if kernel.link(ifname, netns=netns) is not None:
         raise InterfaceExists(f"interface {ifname} already exists in netns {netns}")
     master = _master(kernel, cfg.master)
@@ -320,7 +320,7 @@ def check(inv: Invocation, kernel: KernelAPI) -> None:
     owner = _owner(inv)
     if cfg.prev_result is None:
         raise InvalidConfig("CHECK needs prevResult", "the runtime passed no prevResult")
-    kernel.check_netns(netns)
+    _check_pod_netns(kernel, netns)
     link = kernel.link(ifname, netns=netns)
     if link is None:
         raise CheckFailed(f"interface {ifname} not found in netns {netns}")
@@ -578,6 +578,23 @@ def host_ifname(owner: Owner) -> str:
     """The host-side name of a pair: stable per attachment, 15 bytes like Calico's cali<hash>."""
     digest = hashlib.sha256(f"{owner.network}/{owner.container_id}/{owner.ifname}".encode())
     return "nk" + digest.hexdigest()[:13]
+
+
+def _check_pod_netns(kernel: KernelAPI, netns: str) -> None:
+    """Raise InvalidNetns unless ``netns`` is a network namespace other than our own.
+
+    No pod lives in the host's netns: a path leading there (``/proc/1/ns/net``,
+    a symlink to ``/proc/self/ns/net``) would put the pod's netkit, addresses
+    and routes into the host's own tables. The reference plugins refuse it too.
+    """
+    kernel.check_netns(netns)
+    try:
+        pod, own = Path(netns).stat(), Path("/proc/self/ns/net").stat()
+    except OSError:
+        return  # not a file we can stat (a test double's netns): nothing to compare
+    if (pod.st_dev, pod.st_ino) == (own.st_dev, own.st_ino):
+        raise InvalidNetns(f"netns {netns} is the plugin's own (the host's)",
+                           "a pod's netns is never the host's; refusing to configure it")
 
 
 def _master(kernel: KernelAPI, name: str) -> Link:
