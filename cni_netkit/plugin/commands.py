@@ -33,6 +33,7 @@ from cni_netkit.errors import (
     NotAvailable,
     NotFound,
     QueueBusy,
+    TryAgainLater,
 )
 from cni_netkit.kernel.types import KernelAPI, Link, NetkitSpec, PeerSpec, Queue
 from cni_netkit.plugin import afxdp, deviceinfo, ipam
@@ -82,6 +83,10 @@ def add(inv: Invocation, kernel: KernelAPI) -> Result:
     if kernel.link(ifname, netns=netns) is not None:
         raise InterfaceExists(f"interface {ifname} already exists in netns {netns}")
     master = _master(kernel, cfg.master)
+    if not master.up:
+        # A down master lists no queues: without this, ADD would call its pool exhausted.
+        raise TryAgainLater(f"master {cfg.master} is down",
+                            "its queues can be read and leased once it is up again")
     store = StateStore(cfg.state_dir)
     att = Attachment(
         container_id=owner.container_id,
@@ -395,6 +400,13 @@ def status(inv: Invocation, kernel: KernelAPI) -> None:
         cls = Degraded if attached else NotAvailable
         raise cls(f"master {cfg.master} not found",
                   f"{len(attached)} existing attachment(s) lost their queues" if attached else "")
+    if not master.up:
+        # Leases survive a flap, but nothing flows (and nothing can be leased) meanwhile.
+        attached = [a for a in StateStore(cfg.state_dir) if a.master == cfg.master]
+        cls = Degraded if attached else NotAvailable
+        raise cls(f"master {cfg.master} is down",
+                  f"{len(attached)} existing attachment(s) get no traffic until it is up"
+                  if attached else "no queue can be leased until it is up")
     try:
         rx = _rx_queues(kernel, master)
     except NotFound as e:
