@@ -46,7 +46,7 @@ from typing import Any, Protocol
 import structlog
 
 from cni_netkit import __version__, logs
-from cni_netkit.agent import install, nicprep, publish
+from cni_netkit.agent import install, nicprep, publish, server
 from cni_netkit.agent.probe import ProbeReport, probe
 from cni_netkit.config import DEFAULT_STATE_DIR
 from cni_netkit.errors import NetkitError
@@ -601,9 +601,22 @@ def main(args: argparse.Namespace) -> int:
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("agent running", node=cfg.node, pools=[p.master for p in pools], interval=cfg.interval)
-    loop(agent, pools, stop.event)
+    # The warm path: the executable relays CNI requests here and runs them
+    # itself whenever this socket does not answer, so the agent is never on
+    # pod networking's critical path.
+    warm = server.start(warm_socket(cfg))
+    log.info("agent running", node=cfg.node, pools=[p.master for p in pools],
+             interval=cfg.interval, socket=str(warm.path))
+    try:
+        loop(agent, pools, stop.event)
+    finally:
+        warm.close()
     return 0
+
+
+def warm_socket(cfg: AgentConfig) -> Path:
+    """Where the executable looks for the agent: ``<runDir>/cni.sock`` (default /run/cni-netkit)."""
+    return (cfg.run_dir or Path(server.DEFAULT_SOCKET).parent) / Path(server.DEFAULT_SOCKET).name
 
 
 def health(cfg: AgentConfig, *, now: Callable[[], float] = time.time) -> int:

@@ -353,3 +353,13 @@ def test_master_down_advertises_no_capacity(cfg: AgentConfig, kernel: FakeKernel
     kube = FakeKube()
     make_agent(cfg, kernel, kube).run_pass([POOL])
     assert kube.node.capacity.get(POOL.resource, "0") == "0"
+
+
+def test_warm_socket_is_where_the_executable_looks(tmp_path: Path) -> None:
+    from cni_netkit.cni import client  # noqa: PLC0415
+
+    default = AgentConfig(node=NODE, state_dir=tmp_path, cni_bin_dir=tmp_path, artifact=None)
+    assert str(agent_main.warm_socket(default)) == client.DEFAULT_SOCKET
+    moved = AgentConfig(node=NODE, state_dir=tmp_path, cni_bin_dir=tmp_path, artifact=None,
+                        run_dir=tmp_path / "run")
+    assert agent_main.warm_socket(moved) == tmp_path / "run" / "cni.sock"
