@@ -1,0 +1,1 @@
+"""The benchmark (scripts/bench): ours vs the Go reference plugins, cold and warm."""

@@ -1,0 +1,132 @@
+"""The benchmark's table: ``python -m bench.report OUTDIR`` reads host.json and guest.json.
+
+Prints the tables and writes ``bench.json`` (both halves plus the headline
+ratios) into OUTDIR.  The headline is ours / Go for ADD p50 and 16-concurrent
+ADD p50, per comparable pair of scenarios (see ``bench.guest``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.common import write_json
+
+
+def _f(x: Any, width: int = 8, digits: int = 1) -> str:
+    if x is None or (isinstance(x, float) and x != x):  # noqa: PLR0124 - NaN check
+        return "-".rjust(width)
+    return f"{x:{width}.{digits}f}"
+
+
+def headline(guest: dict[str, Any]) -> dict[str, Any]:
+    """ours/Go ratios of ADD p50 and concurrent ADD p50, for each of our scenarios."""
+    scen = guest["scenarios"]
+    go = {s["pairing"]: s for s in scen.values() if s["impl"] == "go"}
+    out = {}
+    for name, s in scen.items():
+        ref = go.get(s["pairing"])
+        if s["impl"] == "go" or ref is None:
+            continue
+        out[name] = {
+            "vs": next(n for n, g in scen.items() if g is ref),
+            "add_p50_ratio": _ratio(s["add"]["p50"], ref["add"]["p50"]),
+            "add_p90_ratio": _ratio(s["add"]["p90"], ref["add"]["p90"]),
+            "del_p50_ratio": _ratio(s["del"]["p50"], ref["del"]["p50"]),
+            "conc_add_p50_ratio": _ratio(s["conc_add"]["p50"], ref["conc_add"]["p50"]),
+        }
+    return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    if not a or not b or a != a or b != b:  # noqa: PLR0124 - NaN
+        return None
+    return round(a / b, 2)
+
+
+def print_guest(guest: dict[str, Any], heads: dict[str, Any]) -> None:
+    p = guest["params"]
+    print(f"\n== VM: kernel {guest['kernel']} under QEMU TCG, 1 vCPU; ms; sequential n="
+          f"{p['samples']} (cold n={p['cold_samples']}), {p['concurrency']} concurrent x "
+          f"{p['rounds']} rounds (cold: 1) ==")
+    print(f"{'scenario':42s} {'ADD p50':>8s} {'ADD p90':>8s} {'DEL p50':>8s} {'DEL p90':>8s} "
+          f"{'16x ADD':>8s} {'16x DEL':>8s} {'RSS MB':>7s} {'ADD/Go':>7s} {'16xADD/Go':>9s}")
+    for name, s in guest["scenarios"].items():
+        h = heads.get(name, {})
+        rss = s["maxrss_kb_p50"] / 1024 if s["maxrss_kb_p50"] else None
+        fail = f"  [{s['failure_count']} failed]" if s["failure_count"] else ""
+        print(f"{name:42s} {_f(s['add']['p50'])} {_f(s['add']['p90'])} {_f(s['del']['p50'])} "
+              f"{_f(s['del']['p90'])} {_f(s['conc_add']['p50'])} {_f(s['conc_del']['p50'])} "
+              f"{_f(rss, 7)} {_f(h.get('add_p50_ratio'), 7, 2)} "
+              f"{_f(h.get('conc_add_p50_ratio'), 9, 2)}{fail}")
+    rss = guest.get("agent_rss_kb", {})
+    print(f"agent process: VmRSS {rss.get('VmRSS', 0) / 1024:.0f} MB, "
+          f"peak {rss.get('VmHWM', 0) / 1024:.0f} MB")
+    for pairing, v in guest.get("relay_only", {}).items():
+        print(f"agent's share, {pairing} (relayed in-process, no process start): "
+              f"ADD p50 {v['add']['p50']:.0f}, DEL p50 {v['del']['p50']:.0f}")
+    floors = guest.get("floors", {})
+    if floors:
+        print("process start floors: " + "; ".join(
+            f"{k} {v['p50']:.0f}" for k, v in floors.items()))
+    sc = guest.get("scale", {})
+    if sc:
+        print("\n== VM scale: warm ADD on a 64-queue netdevsim, pool 0-63 ==")
+        for label, v in sc.items():
+            if isinstance(v, dict) and "add" in v:
+                print(f"{label:34s} ADD p50 {_f(v['add']['p50'])} p90 {_f(v['add']['p90'])}  "
+                      f"DEL p50 {_f(v['del']['p50'])}")
+        print(f"growth ratio (ADD p50, full pool / 1 lease): {sc.get('growth_ratio_add_p50')}")
+    print_phases("VM: phases of ADD (round 1: a fresh process; rounds 2+: warm, as in the agent)",
+                 guest.get("phases", {}))
+
+
+def print_phases(title: str, phases: dict[str, Any]) -> None:
+    if not phases or "error" in phases:
+        print(f"\n== {title}: {phases.get('error', 'not measured')[-300:]} ==")
+        return
+    print(f"\n== {title} ==")
+    for k, v in phases["imports"].items():
+        print(f"  {k:38s} {_f(v)}")
+    rounds = phases["rounds"]
+    keys = [k for k, v in rounds[0].items() if isinstance(v, int | float)]
+    print(f"  {'':38s} {'round 1':>8s} {'warm p50':>8s}")
+    for k in keys:
+        warm = sorted(r[k] for r in rounds[1:]) if len(rounds) > 1 else []
+        print(f"  {k:38s} {_f(rounds[0][k], 8, 2)} "
+              f"{_f(warm[len(warm) // 2] if warm else None, 8, 2)}")
+    print(f"  outcome: {rounds[0].get('outcome')}; netlink calls (round 1): " + ", ".join(
+        f"{k} {v['count']}x {v['ms']:.1f}" for k, v in rounds[0]["netlink calls"].items()))
+
+
+def print_host(host: dict[str, Any]) -> None:
+    print("\n== host: VERSION and STATUS (host kernel has no netkit: STATUS answers 50), ms ==")
+    print(f"{'case':40s} {'p50':>8s} {'p90':>8s} {'RSS MB':>7s}  outcome")
+    for name, v in host["latency"].items():
+        print(f"{name:40s} {_f(v['p50'])} {_f(v['p90'])} {_f(v['maxrss_kb_p50'] / 1024, 7)}  "
+              f"{v['outcome'][:50]}")
+    top = sorted(host["importtime_cold_status_ms"].items(), key=lambda kv: -kv[1])[:12]
+    print("cold STATUS import self-time by package (ms): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in top))
+    print_phases("host: phases of STATUS", host.get("phases_status", {}))
+
+
+def main(argv: list[str]) -> int:
+    out = Path(argv[0])
+    doc: dict[str, Any] = {}
+    if (out / "host.json").exists():
+        doc["host"] = json.loads((out / "host.json").read_text())
+        print_host(doc["host"])
+    if (out / "guest.json").exists():
+        doc["guest"] = json.loads((out / "guest.json").read_text())
+        doc["headline"] = headline(doc["guest"])
+        print_guest(doc["guest"], doc["headline"])
+    write_json(out / "bench.json", doc)
+    print(f"\nJSON: {out / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
