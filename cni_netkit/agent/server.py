@@ -11,10 +11,14 @@ Trust and isolation:
 
 - The socket lives in a directory of mode 0700 and is itself 0600; each
   connection's peer is checked with ``SO_PEERCRED`` and only uid 0 (the
-  runtime) is served.  A request whose executable runs in another network
-  namespace, or whose ``CNI_NETNS`` is another namespace here than there
-  (the agent's container lacks the host's ``/var/run/netns`` mount), is
-  refused: the client then runs it itself.
+  runtime) is served.
+- The agent acts only where the executable would have: a request whose
+  executable runs in another network namespace, whose ``CNI_NETNS`` is
+  another namespace here (the agent's container lacks the host's
+  ``/var/run/netns`` mount), or that names a path (``view_paths``: CNI_PATH,
+  stateDir, logFile, CNIDeviceInfoFile, host-local's dataDir, the bpffs
+  pins) that the agent sees as other files than the executable does, is
+  refused, and the client runs it itself.
 - Every request runs in a ``contextvars.Context`` of its own: its
   environment (``commands.request_environ``: fault points, IPAM's PATH), its
   log destination, level and bound context (``logs``), its pid in log lines
@@ -41,6 +45,7 @@ import argparse
 import contextlib
 import contextvars
 import io
+import json
 import os
 import signal
 import socket
@@ -71,6 +76,11 @@ MAX_CONNECTIONS = 64
 # A connected client must deliver its request, and say go, within this.
 _REQUEST_TIMEOUT = 5.0
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Settings the plugin reads from its process environment rather than from the
+# request (kernel.xsk's pin root): a request must agree with the agent's.
+_PROCESS_SETTINGS = ("CNI_NETKIT_BPF_ROOT",)
+_HOST_LOCAL_DIR = "/var/lib/cni/networks"  # host-local's default dataDir
+_MAX_VIEW_PATHS = 32
 
 
 class Server:
@@ -219,7 +229,7 @@ class Server:
         except (OSError, EOFError, ValueError) as e:
             log.warning("unreadable CNI request", peer_pid=pid, error=str(e))
             return
-        problem = self._problem(environ, meta)
+        problem = self._problem(environ, meta) or _other_view(conn, environ, stdin)
         if problem:
             log.warning("refused a CNI request", peer_pid=pid, reason=problem)
             _refuse(conn, problem)
@@ -265,6 +275,73 @@ class Server:
         if meta.get("cni_netns", "-") != client.ns_id(netns):
             return f"CNI_NETNS {netns} is another namespace (or none) in the agent"
         return None
+
+
+def _other_view(conn: socket.socket, environ: Mapping[str, str], stdin: bytes) -> str | None:
+    """Why the agent would not act on the same files as the executable, or None.
+
+    The agent usually runs in a container: a path the request makes the
+    plugin use (``view_paths``) that is not mounted there at the same place
+    would silently send records, IPAM allocations, device-info or pins into
+    the container's own filesystem.  Asks the client what each path is on its
+    side and compares; a request with no such path costs no round trip.
+    Settings the plugin takes from its process environment must also agree.
+    """
+    for name in _PROCESS_SETTINGS:
+        if environ.get(name) != os.environ.get(name):
+            return f"{name} differs between the request and the agent"
+    paths = view_paths(environ, stdin)
+    if not paths:
+        return None
+    conn.sendall(client.VIEW + client.frame(client.env_block((str(i), p) for i, p in
+                                                          enumerate(paths))))
+    theirs = client.parse_env_block(_recv_block(conn, client.MAX_META))
+    for i, path in enumerate(paths):
+        ours, seen = client.path_id(path), theirs.get(str(i))
+        if seen != ours:
+            return f"{path} is not the same here ({ours}) as for the executable ({seen})"
+    return None
+
+
+def view_paths(environ: Mapping[str, str], stdin: bytes) -> list[str]:
+    """The host paths a request makes the plugin (or its IPAM plugin) use, besides CNI_NETNS.
+
+    Read leniently from the raw config: a config too broken to read here
+    fails validation in the plugin before it touches any path.  An IPAM
+    plugin other than host-local keeps its state where we cannot know, so it
+    is served only by an agent in the executable's own mount namespace.
+    """
+    from cni_netkit.config import DEFAULT_STATE_DIR  # noqa: PLC0415 - loaded by warm_up
+    from cni_netkit.kernel import xsk  # noqa: PLC0415
+
+    paths = [d for d in environ.get("CNI_PATH", "").split(":") if d]
+    try:
+        conf = json.loads(stdin)
+    except (ValueError, RecursionError):
+        conf = None
+    if isinstance(conf, dict):
+        paths.append(_text(conf.get("stateDir")) or DEFAULT_STATE_DIR)
+        paths.append(_parent(conf.get("logFile")))
+        runtime = conf.get("runtimeConfig")
+        if isinstance(runtime, dict):
+            paths.append(_parent(runtime.get("CNIDeviceInfoFile")))
+        ipam = conf.get("ipam")
+        if isinstance(ipam, dict):
+            if ipam.get("type") == "host-local":
+                paths.append(_text(ipam.get("dataDir")) or _HOST_LOCAL_DIR)
+            else:
+                paths.append("/proc/self/ns/mnt")  # each side's own mount namespace
+        paths.append(str(xsk.bpf_root()))
+    unique = dict.fromkeys(p for p in paths if p.startswith("/") and "\0" not in p)
+    return list(unique)[:_MAX_VIEW_PATHS]
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _parent(value: object) -> str:
+    return _text(value).rsplit("/", 1)[0] if _text(value).startswith("/") else ""
 
 
 def run_request(environ: Mapping[str, str], stdin: bytes, pid: int) -> tuple[str, int]:

@@ -12,7 +12,8 @@ it in this process") whenever the agent did not take the request: no socket
 (no agent: the normal case without one), refused connection (a stale socket
 of a dead agent), no "ready" within ``READY_TIMEOUT`` (a hung agent whose
 socket still accepts), or a refusal from the agent itself (peer not root,
-another network namespace, shutting down).  The agent never acts on a request
+another network namespace, a path the request uses that the agent sees as
+other files than we do, shutting down).  The agent never acts on a request
 before the client commits to it, so falling back up to that point never runs
 a command twice.
 
@@ -38,6 +39,8 @@ process is stuck, not that the command is slow.
 Wire format (all lengths u32 big-endian; env blocks are ``KEY=VALUE\\0``...)::
 
     client: MAGIC, len+env, len+meta, len+stdin
+    agent:  VIEW, len+paths  (optional: paths whose view must match)
+    client: len+ids          (``path_id`` of each)
     agent:  READY  |  REFUSED, len+reason (then closes)
     client: GO     (the commit point; closing instead withdraws the request)
     agent:  BEAT*, ANSWER, status, len+stdout text (exactly what the cold path prints)
@@ -70,7 +73,7 @@ SILENCE_LIMIT = 10.0
 HEARTBEAT_INTERVAL = 1.0
 
 MAGIC = b"NKR1"
-READY, REFUSED, GO, BEAT, ANSWER = b"R", b"N", b"G", b".", b"A"
+READY, REFUSED, VIEW, GO, BEAT, ANSWER = b"R", b"N", b"V", b"G", b".", b"A"
 MAX_ENV = 64 << 10
 MAX_META = 4 << 10
 MAX_STDIN = (1 << 20) + 1  # what the entry point reads: config.MAX_STDIN + 1
@@ -166,6 +169,13 @@ def _offer(
         sock.sendall(request(environ, stdin))
         sock.settimeout(_left(deadline))
         verdict = _recv_exactly(sock, 1)
+        if verdict == VIEW:
+            # The agent names the paths this request makes the plugin use; it
+            # takes the request only if it sees the same files there as we do.
+            paths = parse_env_block(_recv_block(sock, MAX_META))
+            ids = [(key, path_id(p)) for key, p in paths.items()]
+            sock.sendall(frame(env_block(ids)))
+            verdict = _recv_exactly(sock, 1)
         if verdict == REFUSED:
             raise _Fallback("agent refused: " + _recv_block(sock, 4096).decode("utf-8", "replace"))
         if verdict != READY:
@@ -230,6 +240,21 @@ def ns_id(path: str) -> str:
     except (OSError, ValueError):
         return "-"
     return f"{st.st_dev}:{st.st_ino}"
+
+
+def path_id(path: str) -> str:
+    """What ``path`` is here: ``dev:inode`` of it or of its nearest existing ancestor.
+
+    Two processes get the same answer when they see the same file there (a
+    bind mount shows the source's device and inode): a directory the agent's
+    container lacks, or has as a directory of its own, answers differently.
+    """
+    probe = path
+    while True:
+        got = ns_id(probe)
+        if got != "-" or probe in ("/", ""):
+            return f"{probe}={got}"
+        probe = probe.rsplit("/", 1)[0] or "/"
 
 
 def env_block(pairs: Iterable[tuple[str, str]]) -> bytes:

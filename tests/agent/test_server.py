@@ -203,9 +203,45 @@ def test_a_withdrawn_request_is_never_run(agent: server.Server, plugin: FakePlug
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(str(agent.path))
         s.sendall(client.request(env_for(1), conf()))
-        assert s.recv(1) == client.READY
+        assert _answer_view(s) == "R"
     time.sleep(0.3)  # the agent reads EOF where GO would be
     assert plugin.seen == []
+
+
+def test_a_path_the_agent_sees_as_other_files_is_refused(
+    agent: server.Server, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(agent.path))
+        s.sendall(client.request(env_for(1), conf(stateDir=str(state))))
+        # An executable whose stateDir is another directory than the agent's.
+        verdict = _answer_view(s, lie={str(state): f"{state}=1:2"})
+    assert verdict.startswith(f"N:{state} is not the same here")
+
+
+def test_view_paths_are_what_the_request_makes_the_plugin_touch() -> None:
+    env = env_for(1, CNI_PATH="/opt/cni/bin:/usr/lib/cni")
+    paths = server.view_paths(env, conf(
+        stateDir="/var/lib/x", logFile="/var/log/netkit/n.log",
+        runtimeConfig={"CNIDeviceInfoFile": "/run/devinfo/d.json"},
+        ipam={"type": "host-local", "subnet": "10.0.0.0/8"},
+    ))
+    assert paths == ["/opt/cni/bin", "/usr/lib/cni", "/var/lib/x", "/var/log/netkit",
+                     "/run/devinfo", "/var/lib/cni/networks", "/sys/fs/bpf/cni-netkit"]
+    other_ipam = server.view_paths(env, conf(ipam={"type": "whereabouts"}))
+    assert "/proc/self/ns/mnt" in other_ipam  # unknown IPAM state: same mount namespace only
+    assert server.view_paths(env, b"not json") == ["/opt/cni/bin", "/usr/lib/cni"]
+
+
+def test_a_request_with_another_pin_root_than_the_agent_is_refused(
+    agent: server.Server,
+) -> None:
+    env = env_for(1, CNI_NETKIT_BPF_ROOT="/sys/fs/bpf/elsewhere")
+    meta = {"netns": client.ns_id("/proc/self/ns/net"), "cni_netns": "-"}
+    assert _raw_verdict(agent.path, env, meta) == (
+        "N:CNI_NETKIT_BPF_ROOT differs between the request and the agent"
+    )
 
 
 def test_heartbeats_carry_a_slow_request_past_the_silence_limit(
@@ -300,6 +336,20 @@ def _verdict(s: socket.socket) -> str:
         return kind.decode()
     size = int.from_bytes(s.recv(4), "big")
     return "N:" + s.recv(size).decode()
+
+
+def _answer_view(s: socket.socket, lie: dict[str, str] | None = None) -> str:
+    """Answer the agent's view question as the real client does (or with ``lie`` for some
+    paths); then its verdict."""
+    s.settimeout(10)
+    kind = s.recv(1)
+    if kind != client.VIEW:
+        raise AssertionError(f"expected the view question, got {kind!r}")
+    size = int.from_bytes(s.recv(4), "big")
+    paths = client.parse_env_block(s.recv(size))
+    ids = [(k, (lie or {}).get(p) or client.path_id(p)) for k, p in paths.items()]
+    s.sendall(client.frame(client.env_block(ids)))
+    return _verdict(s)
 
 
 def _handshake_as(uid: int, path: Path, *, fsuid: int | None) -> str:
