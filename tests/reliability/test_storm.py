@@ -5,7 +5,8 @@ pool has 8 queues, with up to ``PARALLEL`` plugin processes at once and a
 random delay before each: ADD (in a fresh pod netns), CHECK, DEL (also after
 every failed ADD, as runtimes do), GC with the runtime's valid list, and now
 and then a pod the runtime forgets without a DEL, which only GC can clean.
-As the CNI spec promises, operations on one pod never overlap. Each call is
+As the CNI spec promises, operations on one pod never overlap, and a GC
+never overlaps an ADD or a DEL (CHECKs run alongside it). Each call is
 a process forked from the warm test process calling ``entry.run`` (real
 processes, real flock, real kernel); a few are the real ``netkit``
 executable.
@@ -59,7 +60,7 @@ SEED = int(os.environ.get("CNI_NETKIT_STORM_SEED") or random.SystemRandom().rand
 POOL = 8
 PHASES = 4
 CALLS_PER_PHASE = 17  # 68 calls in all
-PARALLEL = 6
+PARALLEL = 4
 EXE_CALLS = 3
 MAX_DELAY = 0.05
 ADD_FAILURES = {100, 11}  # pool exhausted, lock timeout
@@ -86,6 +87,7 @@ class Storm:
         self.pods: list[Pod] = []
         self.running: dict[int, tuple[Child, str, Pod | None, int]] = {}
         self.gcs_started = 0
+        self.gc_wanted = False
         self.gc_running = False
         self.outcomes: Counter[str] = Counter()
         self.calls = 0
@@ -94,23 +96,43 @@ class Storm:
 
     # --- the runtime's choices -----------------------------------------------------
 
-    def next_call(self) -> None:
+    def next_call(self) -> bool:
+        """Start one call (or forget a pod); False when the runtime must wait for one to end.
+
+        As the spec promises, GC never overlaps an ADD or a DEL: once the
+        runtime wants a GC it starts no ADD or DEL until the GC has ended,
+        and starts the GC once those running have ended; CHECKs go on.
+        """
         idle = [p for p in self.pods if p.state in ("added", "failed")]
-        choices: list[tuple[float, str, Pod | None]] = [(4.0, "ADD", None)]
+        if self.gc_wanted or self.gc_running:
+            if self.gc_wanted and not self.adds_or_dels_running():
+                self.gc_wanted = False
+                self.start("GC", None)
+                return True
+            checks = [p for p in idle if p.state == "added"]
+            if not checks or self.rng.random() < 0.6:  # mostly just wait for the GC
+                return False
+            self.start("CHECK", self.rng.choice(checks))
+            return True
+        choices: list[tuple[float, str, Pod | None]] = [(4.0, "ADD", None), (0.8, "GC", None)]
         for p in idle:
             if p.state == "failed":
                 choices.append((3.0, "DEL", p))  # owed after a failed ADD
             else:
                 choices += [(1.0, "DEL", p), (1.0, "CHECK", p), (0.15, "forget", p)]
-        if not self.gc_running:
-            choices.append((0.8, "GC", None))
         weights = [w for w, _, _ in choices]
         _, what, pod = self.rng.choices(choices, weights)[0]
         if what == "forget":
             assert pod is not None
             pod.state, pod.abandoned_at = "abandoned", self.gcs_started
-            return
-        self.start(what, pod)
+        elif what == "GC":
+            self.gc_wanted = True
+        else:
+            self.start(what, pod)
+        return True
+
+    def adds_or_dels_running(self) -> bool:
+        return any(command in ("ADD", "DEL") for _, command, _, _ in self.running.values())
 
     def start(self, command: str, pod: Pod | None) -> None:
         if command == "ADD":
@@ -194,10 +216,12 @@ class Storm:
         while started < CALLS_PER_PHASE or self.running:
             while started < CALLS_PER_PHASE and len(self.running) < PARALLEL:
                 before = self.calls
-                self.next_call()
+                if not self.next_call():
+                    break
                 started += self.calls - before
             if self.running:
                 self.wait_one()
+        self.gc_wanted = False  # the phase's own GC below serves it
         # The runtime's periodic GC, alone: everything it forgot goes.
         r = self.net.call("GC", valid=self.valid())
         self.expect(r.status == 0, f"phase {number} GC failed: {r}")
