@@ -78,7 +78,7 @@ class Figures:
         return self.suites.setdefault(name, Suite(name))
 
     def table(self) -> list[str]:
-        rows = [("suite", "cases", "failures", "leaks", "seconds")]
+        rows: list[tuple[str, ...]] = [("suite", "cases", "failures", "leaks", "seconds")]
         for s in self.suites.values():
             rows.append((s.name, str(s.cases), str(s.failures), str(s.leaks), f"{s.seconds:.1f}"))
         total = [sum(getattr(s, k) for s in self.suites.values()) for k in ("cases", "failures",
