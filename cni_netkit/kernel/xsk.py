@@ -36,32 +36,35 @@ from typing import Literal
 
 from cni_netkit.errors import KernelError, NoSuchDevice, NotFound, NotSupported
 from cni_netkit.kernel import bpf
+from cni_netkit.kernel.bpffs import (
+    DEFAULT_ROOT,
+    LINK_PIN,
+    OUTER_MAP,
+    ROOT_ENV,
+    SLOT_MAP,
+    bpf_root,
+    master_dir,
+    steering,
+)
+
+__all__ = [  # the pins' layout (kernel.bpffs) is part of this module's interface
+    "DEFAULT_ROOT", "LINK_PIN", "OUTER_MAP", "PROGRAM", "ROOT_ENV", "SLOT_MAP", "XSK_QUEUES",
+    "XSK_SLOTS", "ProgramAction", "ProgramChange", "Wiring", "XdpMode", "XdpProgram", "XskMap",
+    "XskSlot", "bpf_root", "clear_socket", "create_map", "ensure_program", "insert_socket",
+    "map_id", "master_dir", "program", "reconcile", "remove_map", "remove_program", "steering",
+    "unwire", "verdict", "wire", "wiring",
+]
 
 # Mirrors of bpf/xsk_redirect.h (tests/unit/test_xsk_abi.py keeps them equal).
 XSK_SLOTS = 64  # entries of every attachment's XSK map: the kernel wants one size for all
 XSK_QUEUES = 1024  # physical RX queue ids the program can steer
 PROGRAM = "xsk_redirect"
-OUTER_MAP = "xsk_maps"
-SLOT_MAP = "xsk_slots"
-LINK_PIN = "link"
-
-DEFAULT_ROOT = "/sys/fs/bpf/cni-netkit"
-ROOT_ENV = "CNI_NETKIT_BPF_ROOT"
 
 XdpMode = Literal["native", "generic"]
 ProgramAction = Literal["attached", "replaced", "unchanged"]
 # Why a native (driver) attach may fail where generic works: no ndo_bpf, the
 # driver's XDP switched off, an MTU or feature the driver's XDP cannot take.
 _NATIVE_REFUSALS = frozenset({errno.EOPNOTSUPP, errno.EINVAL})
-
-
-def bpf_root() -> Path:
-    """Where our pins live: ``$CNI_NETKIT_BPF_ROOT`` or ``/sys/fs/bpf/cni-netkit``."""
-    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
-
-
-def master_dir(master: str, root: Path | None = None) -> Path:
-    return (root or bpf_root()) / "masters" / master
 
 
 @dataclass(frozen=True)
@@ -147,18 +150,17 @@ def program(master: str, *, root: Path | None = None) -> XdpProgram:
     """The steering state of ``master``: maps pinned, our program attached and how."""
     d = master_dir(master, root)
     ifindex = _ifindex(master)
-    steering = (d / OUTER_MAP).exists()
-    state = XdpProgram(master, ifindex, steering)
-    if ifindex is None or not steering:
+    state = XdpProgram(master, ifindex, steering(master, root))
+    if ifindex is None or not state.steering:
         return state
     query = bpf.xdp_query(ifindex)
     link_fd = _open_pin(d / LINK_PIN)
     if link_fd is None:
-        return _with_other(state, query, None)
+        return _with_other(state, query)
     with _fd(link_fd):
         link = bpf.link_info(link_fd)
     if link.ifindex != ifindex:  # defunct: the device it was attached to is gone
-        return _with_other(state, query, None)
+        return _with_other(state, query)
     with _fd(bpf.prog_fd_by_id(link.prog_id)) as prog_fd:
         prog = bpf.prog_info(prog_fd)
     outer_id = map_id(d / OUTER_MAP)
@@ -167,11 +169,12 @@ def program(master: str, *, root: Path | None = None) -> XdpProgram:
         mode = "native"
     elif query.skb_prog_id == prog.id:
         mode = "generic"
-    return XdpProgram(master, ifindex, steering, mode, prog.id, prog.tag, link.id, outer_id)
+    return XdpProgram(master, ifindex, True, mode, prog.id, prog.tag, link.id, outer_id)
 
 
-def _with_other(state: XdpProgram, query: bpf.XdpQuery, ours: int | None) -> XdpProgram:
-    others = {query.drv_prog_id, query.skb_prog_id, query.hw_prog_id, query.prog_id} - {0, ours}
+def _with_other(state: XdpProgram, query: bpf.XdpQuery) -> XdpProgram:
+    """``state`` naming an XDP program on the master that is not ours, if any."""
+    others = {query.drv_prog_id, query.skb_prog_id, query.hw_prog_id, query.prog_id} - {0}
     return XdpProgram(state.master, state.ifindex, state.steering,
                       other_prog_id=min(others) if others else None)
 
@@ -288,7 +291,7 @@ def remove_program(master: str, *, root: Path | None = None) -> bool:
         with contextlib.suppress(FileNotFoundError):
             (d / name).unlink()
             found = True
-    with contextlib.suppress(FileNotFoundError, OSError):
+    with contextlib.suppress(OSError):  # gone, or holds something not ours
         d.rmdir()
     return found
 
@@ -361,13 +364,6 @@ def _prune(directory: Path, stop: Path) -> None:
         except OSError:  # not empty (another attachment of the pod), or gone
             return
         directory = directory.parent
-
-
-def pinned_maps(under: Path) -> list[Path]:
-    """Every file pinned below ``under`` (for GC), sorted; empty if the directory is missing."""
-    if not under.is_dir():
-        return []
-    return sorted(p for p in under.rglob("*") if p.is_file())
 
 
 def _master_maps(master: str, root: Path | None) -> tuple[int, int]:

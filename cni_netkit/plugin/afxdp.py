@@ -20,7 +20,7 @@ Masters without the agent's maps (no agent, or AF_XDP steering not wanted)
 get leases only, as before: the result then has no ``mapPath``. Pair mode
 never gets a map: the kernel refuses AF_XDP on a netkit pair.
 
-Pins (``kernel.xsk.bpf_root()``, default ``/sys/fs/bpf/cni-netkit``)::
+Pins (``kernel.bpffs.bpf_root()``, default ``/sys/fs/bpf/cni-netkit``)::
 
     pods/<k8s namespace>/<pod name>/<attachment key>   with K8S_POD_* args
     containers/<attachment key>                        without
@@ -29,6 +29,9 @@ One directory per pod, known before the pod exists, so a pod spec can
 mount exactly its own (``manifests/examples/qemu-pod.yaml``); the file name
 is the attachment's record key (network, container id, ifname), so GC can
 tell whose a pin is even when the record is lost.
+
+``kernel.xsk`` (ctypes, libbpf) is imported only where a master has steering
+or an attachment has a map: other requests pay one path check.
 """
 
 from __future__ import annotations
@@ -38,16 +41,19 @@ from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from cni_netkit.config import NetConf
 from cni_netkit.errors import CheckFailed, Degraded, InvalidConfig, NetkitError, NotAvailable
-from cni_netkit.kernel import xsk
+from cni_netkit.kernel import bpffs
 from cni_netkit.kernel.types import KernelAPI
 from cni_netkit.plugin.lock import master_lock
 from cni_netkit.plugin.state import Attachment, LeasedQueue, Owner, StateStore, attachment_key
+
+if TYPE_CHECKING:
+    from cni_netkit.kernel import xsk
 
 log = structlog.get_logger("cni_netkit.plugin")
 
@@ -79,6 +85,8 @@ def _is_k8s_name(name: str | None) -> bool:
 
 def slots(queues: Iterable[LeasedQueue]) -> tuple[xsk.XskSlot, ...]:
     """Each leased physical queue steered to the index of its queue id on the netkit."""
+    from cni_netkit.kernel import xsk  # noqa: PLC0415 - see the module docstring
+
     return tuple(xsk.XskSlot(q.master_queue, q.netkit_queue) for q in sorted(
         queues, key=lambda q: q.netkit_queue))
 
@@ -129,6 +137,8 @@ def wire(cfg: NetConf, att: Attachment, undo: ExitStack) -> Attachment:
     """
     if att.pairing != "single" or not att.queues or not _steering(att.master):
         return att
+    from cni_netkit.kernel import xsk  # noqa: PLC0415 - see the module docstring
+
     highest = max(q.netkit_queue for q in att.queues)
     if highest >= xsk.XSK_SLOTS:
         raise InvalidConfig(
@@ -136,7 +146,7 @@ def wire(cfg: NetConf, att: Attachment, undo: ExitStack) -> Attachment:
             f"netkit queue {highest} needs XSK map index {highest}; the maps have "
             f"{xsk.XSK_SLOTS} entries (0-{xsk.XSK_SLOTS - 1})",
         )
-    root = xsk.bpf_root()
+    root = bpffs.bpf_root()
     path = pin_path(root, att.owner, att.pod_namespace, att.pod_name)
     with master_lock(cfg.state_dir, att.master, cfg.lock_timeout):
         xsk_map = xsk.create_map(path)
@@ -163,7 +173,7 @@ def release(
     The path comes from the record, else is derived from the request as ADD
     derived it; the slots to empty are those still pointing at that map.
     """
-    root = xsk.bpf_root()
+    root = bpffs.bpf_root()
     master = att.master if att else cfg.master
     recorded = att.extra.get(MAP_PATH) if att else None
     if recorded:
@@ -172,9 +182,15 @@ def release(
         path = pin_path(root, owner, att.pod_namespace, att.pod_name)
     else:
         path = pin_path(root, owner, pod_namespace, pod_name)
-    map_id = xsk.map_id(path) if path.exists() else None
-    if map_id is None and att is not None:
-        map_id = att.extra.get(MAP_ID)  # the pin was removed under us: slots may still point
+    # Recorded by ADD: slots may point at the map even if its pin was removed under us.
+    recorded_id = att.extra.get(MAP_ID) if att else None
+    if not path.exists() and recorded_id is None:
+        return  # never had a map, or it is gone with its wiring
+    from cni_netkit.kernel import xsk  # noqa: PLC0415 - see the module docstring
+
+    map_id = xsk.map_id(path)
+    if map_id is None:
+        map_id = recorded_id
     if map_id is not None and _steering(master):
         queues = [q.master_queue for q in att.queues] if att and att.queues else None
         unwired = _unwire(cfg, master, queues, int(map_id))
@@ -191,6 +207,8 @@ def _unwire(cfg: NetConf, master: str, queues: Iterable[int] | None, map_id: int
     The master lock orders this against an ADD wiring a queue that was
     released and leased again meanwhile.
     """
+    from cni_netkit.kernel import xsk  # noqa: PLC0415 - see the module docstring
+
     with master_lock(cfg.state_dir, master, cfg.lock_timeout):
         if queues is None:
             queues = [q for q, w in xsk.wiring(master).items() if w.map_id == map_id]
@@ -204,8 +222,8 @@ def gc(cfg: NetConf, kernel: KernelAPI, valid: frozenset[tuple[str, str]],
 
     Carries on past errors, adding them to ``failures``.
     """
-    root = xsk.bpf_root()
-    for path in xsk.pinned_maps(root / "pods") + xsk.pinned_maps(root / "containers"):
+    root = bpffs.bpf_root()
+    for path in bpffs.pinned_files(root / "pods") + bpffs.pinned_files(root / "containers"):
         owner = owner_of_pin(path)
         if owner is None or owner.network != cfg.name:
             continue
@@ -216,14 +234,18 @@ def gc(cfg: NetConf, kernel: KernelAPI, valid: frozenset[tuple[str, str]],
 
 
 def _release_pin(cfg: NetConf, path: Path) -> None:
+    from cni_netkit.kernel import xsk  # noqa: PLC0415 - see the module docstring
+
     map_id = xsk.map_id(path)
     if map_id is not None and _steering(cfg.master):
         _unwire(cfg, cfg.master, None, map_id)
-    xsk.remove_map(path, prune_below=xsk.bpf_root())
+    xsk.remove_map(path, prune_below=bpffs.bpf_root())
     log.info("gc removed XSK map", map_path=str(path))
 
 
 def _sweep(cfg: NetConf, kernel: KernelAPI) -> None:
+    from cni_netkit.kernel import xsk  # noqa: PLC0415 - see the module docstring
+
     master = kernel.link(cfg.master)
     if master is None:
         return
@@ -244,6 +266,8 @@ def check(att: Attachment) -> None:
     recorded = att.extra.get(MAP_PATH)
     if not recorded:
         return
+    from cni_netkit.kernel import xsk  # noqa: PLC0415 - see the module docstring
+
     path = Path(recorded)
     map_id = xsk.map_id(path)
     if map_id is None:
@@ -255,8 +279,6 @@ def check(att: Attachment) -> None:
     if not prog.attached:
         raise CheckFailed(f"master {att.master} has no cni-netkit XDP program attached",
                           _program_details(prog))
-    if not prog.steering:
-        raise CheckFailed(f"master {att.master} lost its AF_XDP steering maps")
     wired = xsk.wiring(att.master, [q.master_queue for q in att.queues])
     problems = wiring_problems(att.queues, map_id, wired)
     if problems:
@@ -268,6 +290,8 @@ def status(cfg: NetConf) -> None:
     master up for AF_XDP steering but its XDP program is not attached."""
     if not _steering(cfg.master):
         return
+    from cni_netkit.kernel import xsk  # noqa: PLC0415 - see the module docstring
+
     prog = xsk.program(cfg.master)
     if prog.attached or prog.ifindex is None:  # a missing master is STATUS's own finding
         return
@@ -293,7 +317,7 @@ def _steering(master: str) -> bool:
 
     A path check only, so masters without steering never load libbpf.
     """
-    return (xsk.master_dir(master) / xsk.OUTER_MAP).exists()
+    return bpffs.steering(master)
 
 
 def _try(failures: list[str], what: str, fn: Any, *args: Any) -> None:
