@@ -7,7 +7,8 @@ Three ways to run one CNI command, all through the real entry point:
   plugin already imported) that calls ``entry.run`` and exits: a real,
   separate process with its own flock and netlink sockets, costing no
   interpreter start (a cold ``netkit`` takes ~8 s in the TCG VM).
-- ``spawn(..., via="exe")``: the real ``netkit`` executable, fork + exec.
+- ``spawn(..., via="exe")``: the real ``netkit`` executable, fork + exec,
+  told not to relay to a node agent (whose warm path is not under test).
 
 All three can be given a fault (``CNI_NETKIT_TEST_FAULT``), though in this
 process only one that raises. Children are plain pids so one
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cni_netkit.cni import entry
+from cni_netkit.cni.client import NO_AGENT_ENV
 from cni_netkit.errors import InvalidNetns
 from cni_netkit.plugin.commands import FAULT_ENV
 
@@ -201,6 +203,8 @@ def spawn(env: Mapping[str, str], stdin: bytes, *, via: str = "fork", fault: str
     env = dict(env)
     if fault:
         env[FAULT_ENV] = fault
+    if via == "exe":
+        env.setdefault(NO_AGENT_ENV, "1")  # the cold path: this executable does the work
     read_fd, write_fd = os.pipe()
     fd, err_path = tempfile.mkstemp(prefix="netkit-stderr-")
     os.close(fd)

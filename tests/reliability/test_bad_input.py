@@ -54,7 +54,7 @@ from tests.reliability.figures import Figures
 from tests.reliability.harness import NETNS_DIR, Net, Reply, call, cni_env, spawn
 
 EXAMPLES = int(os.environ.get("CNI_NETKIT_FUZZ_EXAMPLES", "1000"))
-EXE_SAMPLE_HOST = 20
+EXE_SAMPLE_HOST = 10
 EXE_SAMPLE_VM = 5
 DEEP_EVERY = 20
 SETTINGS = settings(
@@ -480,8 +480,7 @@ def exe_sample(world: World, figures: Figures, name: str, count: int) -> None:
     collect()
     for case in seen:
         with suite.case(f"exe {case}") as c:
-            env = {**case.request.env, "CNI_NETKIT_NO_AGENT": "1"}
-            reply = spawn(env, case.request.encoded(), via="exe").wait()
+            reply = spawn(case.request.env, case.request.encoded(), via="exe").wait()
             changes = world.changes(deep=True)
             c.leaked(changes)
             problems = judge(case, reply, changes)
