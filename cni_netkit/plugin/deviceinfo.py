@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cni_netkit.errors import IOFailure
 from cni_netkit.result import Result
 
 DEVICE_INFO_VERSION = "1.1.0"
@@ -30,12 +31,27 @@ def device_info(result: Result) -> dict[str, Any]:
 
 
 def write(path: str, content: dict[str, Any]) -> None:
-    """Write atomically: Multus may read it the moment ADD returns."""
+    """Write atomically (Multus may read it the moment ADD returns), never over anything.
+
+    The path comes from the request: replacing whatever is there, or writing
+    through a symlink planted at the temporary name, would let the caller
+    overwrite any file as root. ``link()`` publishes the complete file and
+    fails when the name is taken (by a symlink too).
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(content))
-    tmp.replace(final)
+    tmp.unlink(missing_ok=True)  # a leftover of a killed run with our pid (unlink never follows)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(content, f)
+        os.link(tmp, final)
+    except FileExistsError as e:
+        raise IOFailure(f"device-info file {path} already exists",
+                        "cni-netkit writes a new file there and never replaces one") from e
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def remove(path: str | None) -> None:
