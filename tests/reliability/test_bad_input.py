@@ -51,7 +51,7 @@ from hypothesis import strategies as st
 
 from cni_netkit.errors import SUPPORTED_VERSIONS
 from tests.reliability.figures import Figures
-from tests.reliability.harness import NETNS_DIR, Net, Reply, call, cni_env, spawn
+from tests.reliability.harness import NETNS_DIR, Net, Reply, call, cni_env, differences, spawn
 
 EXAMPLES = int(os.environ.get("CNI_NETKIT_FUZZ_EXAMPLES", "1000"))
 EXE_SAMPLE_HOST = 10
@@ -588,3 +588,51 @@ def test_del_never_removes_a_device_info_file_it_did_not_write(
         assert victim.exists(), f"DEL removed {victim}, which it never wrote"
         c.leaked([])
 
+
+
+def test_device_info_write_never_replaces_or_follows(tmp_path: Path, figures: Figures) -> None:
+    """The device-info path comes from the request: writing it must not clobber what is there,
+    nor write through a symlink planted where the temporary file goes."""
+    from cni_netkit.errors import IOFailure  # noqa: PLC0415
+    from cni_netkit.plugin import deviceinfo  # noqa: PLC0415
+
+    victim = tmp_path / "precious"
+    victim.write_text("not the plugin's")
+    with figures.suite("bad input (host)").case("device-info over an existing file") as c:
+        with pytest.raises(IOFailure, match="already exists"):
+            deviceinfo.write(str(victim), {"type": "netkit"})
+        assert victim.read_text() == "not the plugin's"
+        planted = tmp_path / f".devinfo.json.tmp.{os.getpid()}"
+        planted.symlink_to(victim)
+        deviceinfo.write(str(tmp_path / "devinfo.json"), {"type": "netkit"})
+        assert victim.read_text() == "not the plugin's", "written through a planted symlink"
+        assert json.loads((tmp_path / "devinfo.json").read_text()) == {"type": "netkit"}
+        c.leaked([str(p) for p in tmp_path.iterdir()
+                  if p.name not in ("precious", "devinfo.json")])
+
+
+@pytest.mark.kernel
+def test_add_never_overwrites_a_file_named_as_device_info(
+        tmp_path: Path, figures: Figures, make_netns: Any) -> None:
+    """ADD naming an existing file as its device-info file fails (5) and leaves all as it was."""
+    from tests.reliability.harness import make_nic, observe  # noqa: PLC0415
+
+    nic = make_nic(10)
+    try:
+        net = Net(tmp_path, nic.name, "1-8")
+        pod = make_netns()
+        victim = tmp_path / "precious"
+        victim.write_text("not the plugin's")
+        before = observe(nic, net)
+        with figures.suite("bad input (VM)").case("ADD with an existing device-info file") as c:
+            env, _ = net.request("ADD", "c1", pod)
+            conf = {**net.conf(), "runtimeConfig": {"CNIDeviceInfoFile": str(victim)}}
+            reply = call(env, json.dumps(conf).encode())
+            assert reply.code == 5 and "already exists" in reply.stdout, str(reply)
+            assert victim.read_text() == "not the plugin's"
+            after = observe(nic, net)
+            leaked, lost = differences(before, after)
+            assert not lost, lost
+            c.leaked(leaked)
+    finally:
+        nic.remove()
