@@ -4,6 +4,14 @@ Each test gets a fresh netdevsim "NIC" (the only device with queue-management
 ops that runs under QEMU) and pod netns, made with sysfs and iproute2 so the
 setup does not share code with the plugin under test. Kernel state is read
 back through the netdev family's queue-get on the master.
+
+The executable runs as on a node with the agent: one agent serves the whole
+session (``warm_agent``) and every invocation goes through the real
+executable, which relays to it. ``runtime(..., cold=True)`` makes an
+invocation run the plugin in the executable itself, as on a node without an
+agent: both paths run the same code, and a cold invocation costs ~5 s in the
+VM against well under one warm, which is what keeps this suite's VM time
+within CI's budget.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -97,11 +106,58 @@ class Outcome:
 
 
 @dataclass
+class AgentProc:
+    """A node agent serving the warm path (``python -m cni_netkit.agent.server``)."""
+
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    log: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What makes the executable use this agent."""
+        return {"CNI_NETKIT_AGENT_SOCKET": str(self.socket)}
+
+    def events(self) -> list[dict[str, Any]]:
+        lines = self.log.read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+
+
+def start_agent(directory: Path) -> AgentProc:
+    """Start an agent serving CNI requests on ``directory/agent/cni.sock``."""
+    sock, log = directory / "agent" / "cni.sock", directory / "agent.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cni_netkit.agent.server", "--socket", str(sock)],
+            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL, stderr=err,
+        )
+    deadline = time.monotonic() + 300  # imports and warm-up take seconds in the VM
+    while not sock.exists():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "the agent did not start"
+        time.sleep(0.1)
+    return AgentProc(proc, sock, log)
+
+
+@pytest.fixture(scope="session")
+def warm_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProc]:
+    agent = start_agent(tmp_path_factory.mktemp("warm-agent"))
+    yield agent
+    agent.stop()
+
+
+@dataclass
 class Runtime:
     """Calls the plugin with env + stdin and parses stdout, as libcni does."""
 
     state_dir: Path
     cni_path: str = ""
+    agent_env: dict[str, str] = field(default_factory=dict)  # empty: always cold
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def conf(self, master: str, **over: Any) -> dict[str, Any]:
@@ -126,6 +182,7 @@ class Runtime:
         ifname: str = "net1",
         env: dict[str, str] | None = None,
         timeout: float = 600,
+        cold: bool = False,
     ) -> Outcome:
         environ = {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
@@ -134,6 +191,7 @@ class Runtime:
             "CNI_NETNS": netns,
             "CNI_IFNAME": ifname,
             "CNI_PATH": self.cni_path,
+            **({} if cold else self.agent_env),
         }
         environ.update(env or {})
         self.calls.append((command, conf))
@@ -144,6 +202,7 @@ class Runtime:
         return Outcome(p.returncode, p.stdout, p.stderr)
 
     def spawn(self, command: str, conf: dict[str, Any], **kw: str) -> subprocess.Popen[str]:
+        """Start one cold invocation (the plugin runs in the executable) and return at once."""
         environ = {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             "CNI_COMMAND": command,
@@ -164,8 +223,10 @@ class Runtime:
 
 
 @pytest.fixture
-def runtime(tmp_path: Path) -> Runtime:
-    return Runtime(state_dir=tmp_path / "state", cni_path=cni_plugins_dir() or "")
+def runtime(tmp_path: Path, warm_agent: AgentProc) -> Runtime:
+    return Runtime(
+        state_dir=tmp_path / "state", cni_path=cni_plugins_dir() or "", agent_env=warm_agent.env
+    )
 
 
 def cni_plugins_dir() -> str | None:

@@ -30,13 +30,18 @@ def with_prev(conf: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     return {**conf, "prevResult": result}
 
 
-@pytest.mark.parametrize("version", VERSIONS)
+# Every version through the agent, and the newest also with the plugin running
+# in the executable itself (no agent on the node).
+@pytest.mark.parametrize(
+    ("version", "cold"), [*((v, False) for v in VERSIONS), ("1.1.0", True)],
+    ids=[*VERSIONS, "1.1.0-cold"],
+)
 def test_add_check_del_del_in_every_version(
-    version: str, nic: Nic, make_netns: Any, runtime: Runtime
+    version: str, cold: bool, nic: Nic, make_netns: Any, runtime: Runtime
 ) -> None:
     netns = make_netns()
     conf = runtime.conf(nic.name, cniVersion=version, queuesPerAttachment=2)
-    added = runtime("ADD", conf, netns=netns)
+    added = runtime("ADD", conf, netns=netns, cold=cold)
     assert added.code == 0, added.stdout + added.stderr
     result = added.json
     assert result["cniVersion"] == version
@@ -59,17 +64,17 @@ def test_add_check_del_del_in_every_version(
     assert link.netkit is not None and link.netkit.pairing == "single"
     assert link.up and link.mac == iface["mac"]
 
-    checked = runtime("CHECK", with_prev(conf, result), netns=netns)
+    checked = runtime("CHECK", with_prev(conf, result), netns=netns, cold=cold)
     if version in ("0.3.0", "0.3.1"):
         # CHECK arrived in 0.4.0: older configs get "incompatible version", as from libcni's skel.
         assert checked.json["code"] == 1, checked.stdout
     else:
         assert (checked.code, checked.stdout) == (0, ""), checked.stdout + checked.stderr
-    deleted = runtime("DEL", with_prev(conf, result), netns=netns)
+    deleted = runtime("DEL", with_prev(conf, result), netns=netns, cold=cold)
     assert (deleted.code, deleted.stdout) == (0, "")
     assert leased_queues(nic) == {}
     assert netkit_links(netns) == []
-    again = runtime("DEL", with_prev(conf, result), netns=netns)
+    again = runtime("DEL", with_prev(conf, result), netns=netns, cold=cold)
     assert (again.code, again.stdout) == (0, ""), again.stderr
 
 
@@ -136,13 +141,17 @@ def test_pair_mode_with_host_local_ipam(
     assert host_side["name"] not in {link.name for link in netkit_links(None)}
 
 
-@pytest.mark.parametrize("step", ["locked", "created", "leased:1", "leased:2", "result"])
+@pytest.mark.parametrize(
+    ("step", "cold"),
+    [("locked", False), ("created", False), ("leased:1", False), ("leased:1", True),
+     ("leased:2", False), ("result", False)],
+)
 def test_add_failing_midway_leaves_nothing(
-    step: str, nic: Nic, make_netns: Any, runtime: Runtime
+    step: str, cold: bool, nic: Nic, make_netns: Any, runtime: Runtime
 ) -> None:
     netns = make_netns()
     conf = runtime.conf(nic.name, queuesPerAttachment=2)
-    out = runtime("ADD", conf, netns=netns, env={"CNI_NETKIT_TEST_FAULT": step})
+    out = runtime("ADD", conf, netns=netns, env={"CNI_NETKIT_TEST_FAULT": step}, cold=cold)
     assert out.code != 0
     assert out.json["code"] == 199 and step in out.json["msg"]
     assert leased_queues(nic) == {}

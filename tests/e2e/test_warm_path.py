@@ -13,10 +13,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +22,13 @@ import pytest
 from cni_netkit.plugin.state import Owner, StateStore
 from tests.e2e.conftest import (
     NETKIT,
+    AgentProc,
     Nic,
     Runtime,
     cni_plugins_dir,
     leased_queues,
     netkit_links,
+    start_agent,
 )
 
 pytestmark = pytest.mark.kernel
@@ -38,39 +37,12 @@ REPO = Path(__file__).resolve().parents[2]
 PATH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
-@dataclass
-class AgentProc:
-    proc: subprocess.Popen[bytes]
-    socket: Path
-    log: Path
-
-    @property
-    def env(self) -> dict[str, str]:
-        """What makes the executable use this agent."""
-        return {"CNI_NETKIT_AGENT_SOCKET": str(self.socket)}
-
-    def events(self) -> list[dict[str, Any]]:
-        lines = self.log.read_text(errors="replace").splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
-
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[AgentProc]:
-    sock, log = tmp_path / "agent" / "cni.sock", tmp_path / "agent.log"
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cni_netkit.agent.server", "--socket", str(sock)],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=err,
-        )
-    deadline = time.monotonic() + 300  # imports and warm-up take seconds in the VM
-    while not sock.exists():
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "the agent did not start"
-        time.sleep(0.1)
-    yield AgentProc(proc, sock, log)
-    if proc.poll() is None:
-        proc.terminate()
-        proc.wait(60)
+    """An agent of this test's own, which the test may kill."""
+    agent = start_agent(tmp_path)
+    yield agent
+    agent.stop()
 
 
 def with_prev(conf: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def test_add_check_del_through_the_executable(
     netns = make_netns()
     conf = runtime.conf(steered.name, queuesPerAttachment=2)
     env = {"CNI_ARGS": k8s_args("vm-a"), xsk.ROOT_ENV: str(root)}
-    added = runtime("ADD", conf, netns=netns, env=env)
+    added = runtime("ADD", conf, netns=netns, env=env, cold=True)
     assert added.code == 0, added.stdout + added.stderr
     nk = added.json["netkit"]
 
@@ -102,16 +102,16 @@ def test_add_check_del_through_the_executable(
     assert slot_map(pins(root, steered) / "xsk_slots") == by_master
 
     with_prev = {**conf, "prevResult": added.json}
-    checked = runtime("CHECK", with_prev, netns=netns, env=env)
+    checked = runtime("CHECK", with_prev, netns=netns, env=env, cold=True)
     assert checked.code == 0, checked.stdout + checked.stderr
     # A slot unwired behind the plugin's back: CHECK says so.
     first = min(by_master)
     subprocess.run(["bpftool", "map", "delete", "pinned", str(pins(root, steered) / "xsk_maps"),
                     "key", *str(first.to_bytes(4, "little").hex(" ")).split()], check=True)
-    broken = runtime("CHECK", with_prev, netns=netns, env=env)
+    broken = runtime("CHECK", with_prev, netns=netns, env=env, cold=True)
     assert broken.json["code"] == 102 and f"queue {first} is not wired" in broken.json["details"]
 
-    deleted = runtime("DEL", with_prev, netns=netns, env=env)
+    deleted = runtime("DEL", with_prev, netns=netns, env=env, cold=True)
     assert (deleted.code, deleted.stdout) == (0, ""), deleted.stderr
     assert not path.exists() and not (root / "pods").exists()
     assert outer_map(pins(root, steered) / "xsk_maps") == {}
