@@ -34,34 +34,19 @@ from cni_netkit.errors import KernelError, KernelUnsupported, kernel_error
 
 LIBBPF = "libbpf.so.1"
 
-# enum bpf_map_type, enum bpf_attach_type, enum bpf_link_type (uapi linux/bpf.h)
-BPF_MAP_TYPE_ARRAY = 2
-BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
+# enum bpf_map_type, enum bpf_attach_type (uapi linux/bpf.h)
 BPF_MAP_TYPE_XSKMAP = 17
 BPF_XDP = 37
-BPF_LINK_TYPE_XDP = 6
 # map update flags; BPF_F_REPLACE for BPF_LINK_UPDATE: fail unless the old program matches
 BPF_ANY = 0
 BPF_F_REPLACE = 1 << 2
 # XDP attach modes (uapi linux/if_link.h): flags for attaching, and what bpf_xdp_query reports
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
-# enum libbpf_print_level
-_LIBBPF_WARN, _LIBBPF_INFO, _LIBBPF_DEBUG = range(3)
+# enum libbpf_print_level: WARN 0, INFO 1, DEBUG 2
+_LIBBPF_DEBUG = 2
 
 _u32 = ctypes.c_uint32
-
-
-class _MapCreateOpts(ctypes.Structure):
-    _fields_ = (
-        ("sz", ctypes.c_size_t),
-        ("btf_fd", _u32),
-        ("btf_key_type_id", _u32),
-        ("btf_value_type_id", _u32),
-        ("btf_vmlinux_value_type_id", _u32),
-        ("inner_map_fd", _u32),
-        ("map_flags", _u32),
-    )
 
 
 class _LinkCreateOpts(ctypes.Structure):
@@ -178,7 +163,6 @@ class LinkInfo:
 class XdpQuery:
     """``bpf_xdp_query``: what is attached to a device, per mode."""
 
-    attach_mode: int  # XDP_ATTACHED_*: 0 none, 1 driver, 2 generic (skb), 3 offload, 4 several
     prog_id: int
     drv_prog_id: int
     skb_prog_id: int
@@ -235,9 +219,8 @@ _SIGNATURES: dict[str, tuple[object, tuple[object, ...]]] = {
     "bpf_object__find_map_by_name": (_ptr, (_ptr, _str)),
     "bpf_object__find_program_by_name": (_ptr, (_ptr, _str)),
     "bpf_map__set_pin_path": (_int, (_ptr, _str)),
-    "bpf_map__fd": (_int, (_ptr,)),
     "bpf_program__fd": (_int, (_ptr,)),
-    "bpf_map_create": (_int, (_int, _str, _u32, _u32, _u32, ctypes.POINTER(_MapCreateOpts))),
+    "bpf_map_create": (_int, (_int, _str, _u32, _u32, _u32, _ptr)),
     "bpf_map_update_elem": (_int, (_int, _voidp, _voidp, ctypes.c_uint64)),
     "bpf_map_lookup_elem": (_int, (_int, _voidp, _voidp)),
     "bpf_map_delete_elem": (_int, (_int, _voidp)),
@@ -245,7 +228,6 @@ _SIGNATURES: dict[str, tuple[object, tuple[object, ...]]] = {
     "bpf_obj_get": (_int, (_str,)),
     "bpf_obj_get_info_by_fd": (_int, (_int, _voidp, ctypes.POINTER(_u32))),
     "bpf_prog_get_fd_by_id": (_int, (_u32,)),
-    "bpf_map_get_fd_by_id": (_int, (_u32,)),
     "bpf_link_create": (_int, (_int, _int, _int, ctypes.POINTER(_LinkCreateOpts))),
     "bpf_link_update": (_int, (_int, _int, ctypes.POINTER(_LinkUpdateOpts))),
     "bpf_xdp_query": (_int, (_int, _int, ctypes.POINTER(_XdpQueryOpts))),
@@ -296,10 +278,6 @@ def _check_ptr(ptr: int | None, what: str, messages: list[str] | None = None) ->
         return ptr
     err = ctypes.get_errno() or errno.EINVAL
     raise kernel_error(err, what, "; ".join(messages or ()))
-
-
-def _u32_ref(value: int = 0) -> ctypes.c_uint32:
-    return _u32(value)
 
 
 # --- objects --------------------------------------------------------------------------
@@ -361,31 +339,22 @@ class BpfObject:
             raise KernelError(f"BPF object {self.path} has no program {name!r}", err=errno.ENOENT)
         return os.dup(_check(_lib().bpf_program__fd(ptr), f"fd of program {name}"))
 
-    def map_fd(self, name: str) -> int:
-        """The loaded map's fd, dup'ed: the caller owns (and closes) it."""
-        return os.dup(_check(_lib().bpf_map__fd(self._map(name)), f"fd of map {name}"))
-
 
 # --- maps and pins --------------------------------------------------------------------
 
 
-def map_create(
-    map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
-    *, inner_map_fd: int | None = None,
-) -> int:
-    """A new map's fd (the caller closes it)."""
-    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts))
-    if inner_map_fd is not None:
-        opts.inner_map_fd = inner_map_fd
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int
+               ) -> int:
+    """A new map's fd (the caller closes it); no options, so libbpf gets none (NULL)."""
     return _check(
-        _lib().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, opts),
+        _lib().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, None),
         f"create BPF map {name} (type {map_type}, {max_entries} entries)",
     )
 
 
 def map_update(fd: int, key: int, value: int, flags: int = BPF_ANY) -> None:
     """Set ``key`` to ``value`` (both u32: an index, an fd, a map id)."""
-    k, v = _u32_ref(key), _u32_ref(value)
+    k, v = _u32(key), _u32(value)
     _check(_lib().bpf_map_update_elem(fd, ctypes.byref(k), ctypes.byref(v), flags),
            f"update BPF map fd {fd} key {key}")
 
@@ -395,7 +364,7 @@ def map_lookup(fd: int, key: int) -> int | None:
 
     For an array of maps that is the inner map's id.
     """
-    k, v = _u32_ref(key), _u32_ref()
+    k, v = _u32(key), _u32()
     ret = _lib().bpf_map_lookup_elem(fd, ctypes.byref(k), ctypes.byref(v))
     if ret == -errno.ENOENT:
         return None
@@ -405,7 +374,7 @@ def map_lookup(fd: int, key: int) -> int | None:
 
 def map_delete(fd: int, key: int) -> bool:
     """Empty ``key``; False when it was empty already."""
-    k = _u32_ref(key)
+    k = _u32(key)
     ret = _lib().bpf_map_delete_elem(fd, ctypes.byref(k))
     if ret == -errno.ENOENT:
         return False
@@ -424,7 +393,7 @@ def obj_get(path: str) -> int:
 
 
 def _info(fd: int, info: ctypes.Structure, what: str) -> None:
-    size = _u32_ref(ctypes.sizeof(info))
+    size = _u32(ctypes.sizeof(info))
     _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), what)
 
 
@@ -456,10 +425,6 @@ def prog_fd_by_id(prog_id: int) -> int:
     return _check(_lib().bpf_prog_get_fd_by_id(prog_id), f"open BPF program id {prog_id}")
 
 
-def map_fd_by_id(map_id: int) -> int:
-    return _check(_lib().bpf_map_get_fd_by_id(map_id), f"open BPF map id {map_id}")
-
-
 # --- XDP ------------------------------------------------------------------------------
 
 
@@ -485,8 +450,7 @@ def link_update(link_fd: int, prog_fd: int, *, expected_prog_fd: int) -> None:
 def xdp_query(ifindex: int) -> XdpQuery:
     opts = _XdpQueryOpts(sz=ctypes.sizeof(_XdpQueryOpts))
     _check(_lib().bpf_xdp_query(ifindex, 0, opts), f"query XDP programs of ifindex {ifindex}")
-    return XdpQuery(opts.attach_mode, opts.prog_id, opts.drv_prog_id, opts.skb_prog_id,
-                    opts.hw_prog_id)
+    return XdpQuery(opts.prog_id, opts.drv_prog_id, opts.skb_prog_id, opts.hw_prog_id)
 
 
 def xdp_test_run(prog_fd: int, frame: bytes, *, ifindex: int, rx_queue: int) -> int:
