@@ -243,11 +243,6 @@ def spawn(env: Mapping[str, str], stdin: bytes, *, via: str = "fork", fault: str
     return Child(pid, read_fd, err_path, label)
 
 
-def run_child(env: Mapping[str, str], stdin: bytes, *, via: str = "fork",
-              fault: str | None = None) -> Reply:
-    return spawn(env, stdin, via=via, fault=fault).wait()
-
-
 # --- the network under test -------------------------------------------------------------
 
 
@@ -346,7 +341,7 @@ class NodeState:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def observe(nic: Nic | None, net: Net | None, *, extra_netns: Iterable[str] = ()) -> NodeState:
+def observe(nic: Nic | None, net: Net | None) -> NodeState:
     """Read the node back: kernel first (a fresh Kernel, closed, so no netns stays pinned)."""
     from cni_netkit.kernel import Kernel  # noqa: PLC0415 - pyroute2 only in kernel tests
 
@@ -359,7 +354,7 @@ def observe(nic: Nic | None, net: Net | None, *, extra_netns: Iterable[str] = ()
                 if q.type == "rx" and q.lease is not None:
                     leases.add(f"{nic.name} rx {q.id} -> ifindex {q.lease.ifindex} queue "
                                f"{q.lease.queue_id} nsid {q.lease.netns_id}")
-        for where in [None, *(str(NETNS_DIR / n) for n in named), *extra_netns]:
+        for where in [None, *(str(NETNS_DIR / n) for n in named)]:
             try:
                 links = k.links(netns=where, kind="netkit")
             except InvalidNetns:  # gone since listed: it holds nothing

@@ -22,7 +22,6 @@ seconds in the TCG VM.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +86,6 @@ class Node:
     net: Net
     netns: list[str] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
-    _ids: Iterator[int] = field(default_factory=itertools.count)
 
     def pod(self) -> str:
         path = add_netns()
