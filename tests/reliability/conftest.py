@@ -6,7 +6,9 @@ they cannot run). Each suite reports cases tried, failures and leaks found
 through the ``figures`` fixture; at the end of the session one table is
 printed and the same figures are written as JSON to
 ``$CNI_NETKIT_TEST_OUT/reliability.json`` (or next to ``--junitxml``) when
-that directory is writable.
+that directory is writable; a run that cannot reach the kernel (the host)
+writes ``reliability-host.json`` instead, so the two never overwrite each
+other.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import kernel_skip_reason
 from tests.reliability.figures import Figures
 
 _FIGURES = pytest.StashKey[Figures]()
@@ -34,13 +37,14 @@ def figures(pytestconfig: pytest.Config) -> Figures:
 
 
 def _json_path(config: pytest.Config) -> Path | None:
+    """Where the figures go: the VM run's reliability.json, the host run's beside it."""
+    name = "reliability.json" if kernel_skip_reason() is None else "reliability-host.json"
     out = os.environ.get("CNI_NETKIT_TEST_OUT")
     if out:
-        return Path(out) / "reliability.json"
+        return Path(out) / name
     xml = config.getoption("xmlpath", None)
-    if xml:
-        # scripts/test writes host.xml and vm.xml to one directory: keep both runs' figures.
-        return Path(xml).with_suffix(".reliability.json")
+    if xml:  # scripts/test's host and VM runs write their JUnit files to one directory
+        return Path(xml).parent / name
     return None
 
 
