@@ -24,8 +24,12 @@ RUN apt-get update -qq \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY scripts/build-artifact scripts/build-artifact
+COPY scripts/build-bpf scripts/build-bpf
+COPY bpf bpf
 COPY cni_netkit cni_netkit
 RUN scripts/build-artifact /out/artifact
+# The AF_XDP steering program, built by the script CI runs (installs clang/libbpf-dev).
+RUN scripts/build-bpf /out/bpf
 # The agent's own environment: the package with all its dependencies
 # (kubernetes included), non-editable, on Debian's interpreter.
 RUN python3.11 -m venv /opt/cni-netkit/venv \
@@ -41,12 +45,14 @@ LABEL org.opencontainers.image.title="cni-netkit" \
 # python3.11: the agent's interpreter (the venv points at /usr/bin/python3.11).
 # ethtool: NIC preparation's ntuple rules and RSS contexts (kernel/ethtool.py).
 # ca-certificates: none of ours, but the kubernetes client's TLS stack expects it.
+# libbpf1: the agent loads the steering program through the system libbpf.
 RUN apt-get update -qq \
- && apt-get install -y -qq --no-install-recommends python3.11 ethtool ca-certificates \
+ && apt-get install -y -qq --no-install-recommends python3.11 ethtool ca-certificates libbpf1 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /opt/cni-netkit/venv /opt/cni-netkit/venv
 # Where the agent's default config looks for the artifact to install.
 COPY --from=builder /out/artifact /opt/cni-netkit/artifact
+COPY --from=builder /out/bpf/xsk_redirect.bpf.o /opt/cni-netkit/bpf/xsk_redirect.bpf.o
 ENV PATH=/opt/cni-netkit/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin PYTHONDONTWRITEBYTECODE=1
 # Root, on purpose: the agent writes the host's /opt/cni/bin and the plugin's
 # root-owned state dir (hostPath mounts), changes NIC RSS and ntuple
