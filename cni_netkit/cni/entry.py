@@ -121,9 +121,10 @@ def _run_cold(stdin: BinaryIO | None, out: IO[str]) -> int:
 
 def _lost(lost: client.AgentLost, data: bytes) -> tuple[dict[str, Any], int]:
     """The reply when the agent took the request and was lost: try again later (11)."""
-    from cni_netkit import errors  # noqa: PLC0415
+    from cni_netkit import errors, logs  # noqa: PLC0415
     from cni_netkit.result import error_json  # noqa: PLC0415
 
+    logs.skip_optional_extras()  # logging the failure loads structlog here
     err = errors.TryAgainLater(lost.msg, lost.details)
     _log_failure(err)
     return error_json(err, _reply_version(data)), 1
