@@ -1,9 +1,9 @@
 """What the benchmark's host and guest halves share: launching plugins, statistics, flavours.
 
 A plugin invocation is launched the way a runtime launches it (a fresh
-process, environment, config on stdin) with ``posix_spawn``, and reaped with
-``wait4`` for its peak RSS.  Latency is spawn to reap, harness overhead
-included, the same for every plugin measured.
+process, environment, config on stdin) with ``posix_spawn``.  Latency is
+spawn to reap, harness overhead included, the same for every plugin
+measured.  Peak RSS is measured separately, through time(1).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_NETKIT = REPO / ".venv" / "bin" / "netkit"
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_GO_PLUGINS = Path("/var/cache/cni-netkit/cni-plugins/usr/lib/cni")
+TIME = "/usr/bin/time"
 
 
 @dataclass
@@ -32,7 +33,6 @@ class Run:
 
     ms: float
     status: int
-    maxrss_kb: int
     stdout: bytes
     stderr: bytes
 
@@ -72,7 +72,7 @@ def launch(argv: Sequence[str], env: Mapping[str, str], stdin: bytes, label: str
     return Launched(pid, started, out_r, err_path, label)
 
 
-def _finish(proc: Launched, wait_status: int, rusage: Any, ended: float) -> Run:
+def _finish(proc: Launched, wait_status: int, ended: float) -> Run:
     with os.fdopen(proc.stdout_r, "rb") as f:
         out = f.read()
     err = Path(proc.stderr_path).read_bytes()
@@ -80,7 +80,6 @@ def _finish(proc: Launched, wait_status: int, rusage: Any, ended: float) -> Run:
     return Run(
         (ended - proc.started) * 1000,
         os.waitstatus_to_exitcode(wait_status),
-        rusage.ru_maxrss,
         out,
         err,
     )
@@ -89,8 +88,8 @@ def _finish(proc: Launched, wait_status: int, rusage: Any, ended: float) -> Run:
 def run_one(argv: Sequence[str], env: Mapping[str, str], stdin: bytes) -> Run:
     """Launch and wait for one invocation."""
     proc = launch(argv, env, stdin)
-    _, wait_status, rusage = os.wait4(proc.pid, 0)
-    return _finish(proc, wait_status, rusage, time.perf_counter())
+    _, wait_status = os.waitpid(proc.pid, 0)
+    return _finish(proc, wait_status, time.perf_counter())
 
 
 def run_many(jobs: Iterable[tuple[Sequence[str], Mapping[str, str], bytes]]) -> list[Run]:
@@ -104,11 +103,25 @@ def run_many(jobs: Iterable[tuple[Sequence[str], Mapping[str, str], bytes]]) -> 
         procs[p.pid] = p
     done: dict[int, Run] = {}
     while len(done) < len(procs):
-        pid, wait_status, rusage = os.wait4(-1, 0)
+        pid, wait_status = os.waitpid(-1, 0)
         ended = time.perf_counter()
         if pid in procs:
-            done[pid] = _finish(procs[pid], wait_status, rusage, ended)
+            done[pid] = _finish(procs[pid], wait_status, ended)
     return [done[pid] for pid in procs]
+
+
+def peak_rss_kb(argv: Sequence[str], env: Mapping[str, str], stdin: bytes) -> int | None:
+    """The invocation's peak RSS (KiB), measured by ``/usr/bin/time -f %M``.
+
+    Not ``wait4``'s ru_maxrss of our own children: exec folds the pre-exec
+    address space's high-water mark into it, and a child spawned from this
+    Python process starts from our ~16 MB. time(1) is small.
+    """
+    if not Path(TIME).exists():
+        return None
+    run = run_one([TIME, "-f", "@@%M", *argv], env, stdin)
+    tail = run.stderr.rsplit(b"@@", 1)
+    return int(tail[1]) if len(tail) == 2 and tail[1].strip().isdigit() else None
 
 
 # --- statistics ----------------------------------------------------------------------
@@ -163,7 +176,11 @@ def flavours(scratch: Path, artifact: str | None) -> dict[str, list[str]]:
     """How to start our executable: name -> argv."""
     got = {"venv": [str(VENV_NETKIT)], "lean": [str(lean_launcher(scratch))]}
     if artifact:
-        got["artifact"] = [str(Path(artifact) / "netkit")]
+        exe = Path(artifact) / "netkit"
+        # In the VM, /tmp, /run and /var are the guest's tmpfs; the host's are under /run/host.
+        if not exe.exists() and Path("/run/host", *exe.parts[1:]).exists():
+            exe = Path("/run/host", *exe.parts[1:])
+        got["artifact"] = [str(exe)]
     return got
 
 

@@ -30,7 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import PATH, REPO, Run, flavours, run_many, run_one, summary, write_json
+from bench.common import (
+    PATH,
+    REPO,
+    Run,
+    flavours,
+    peak_rss_kb,
+    run_many,
+    run_one,
+    summary,
+    write_json,
+)
 
 NSIM = Path("/sys/bus/netdevsim")
 WORK = Path("/run/bench")
@@ -81,6 +91,7 @@ class Scenario:
     conc_add: list[float] = field(default_factory=list)
     conc_del: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    fallbacks: int = 0  # warm runs the executable had to run cold after all
 
     def environ(self, command: str, cid: str, netns: str) -> dict[str, str]:
         return {
@@ -92,6 +103,8 @@ class Scenario:
         return json.dumps(self.conf).encode()
 
     def check(self, what: str, run: Run) -> None:
+        if b"node agent not used" in run.stderr:
+            self.fallbacks += 1
         if run.status != 0:
             self.failures.append(f"{what}: exit {run.status}: {run.stdout[:300]!r} "
                                  f"{run.stderr[-300:]!r}")
@@ -106,7 +119,16 @@ class Scenario:
         del_netns(netns)
         self.add.append(a.ms)
         self.dele.append(d.ms)
-        self.rss.append(a.maxrss_kb)
+
+    def measure_rss(self, samples: int = 3) -> None:
+        """Peak RSS of ADD, with time(1) (see common.peak_rss_kb), in fresh netns."""
+        for _ in range(samples):
+            netns, cid = new_netns(), f"m{next(_ids)}"
+            kb = peak_rss_kb(self.argv, self.environ("ADD", cid, netns), self.stdin())
+            run_one(self.argv, self.environ("DEL", cid, netns), self.stdin())
+            del_netns(netns)
+            if kb is not None:
+                self.rss.append(kb)
 
     def concurrent(self, n: int) -> None:
         """n ADDs at once (each in its own netns), then their n DELs at once."""
@@ -129,6 +151,7 @@ class Scenario:
             "conc_add": summary(self.conc_add), "conc_del": summary(self.conc_del),
             "maxrss_kb_p50": sorted(self.rss)[len(self.rss) // 2] if self.rss else None,
             "failures": self.failures[:10], "failure_count": len(self.failures),
+            "fallbacks": self.fallbacks,
         }
 
 
@@ -206,8 +229,6 @@ def main() -> int:
                  cold_env),
         Scenario("netkit pair+host-local cold (venv)", "pair+host-local", "cold venv",
                  starts["venv"], pair, cold_env),
-        Scenario("netkit single cold (lean)", "single", "cold lean", starts["lean"], base,
-                 cold_env),
     ]
     # One unmeasured warm-up each: page cache, first host-local run, the agent's first request.
     for s in [*scenarios, *cold]:
@@ -231,6 +252,11 @@ def main() -> int:
             s.concurrent(args.concurrency)
 
     timed("concurrent", concurrent)
+    def peak_rss() -> None:
+        for s in [*scenarios, *cold]:
+            s.measure_rss()
+
+    timed("peak RSS", peak_rss)
     agent_rss = agent.rss_kb()
     relay_only: dict[str, Any] = {}
     for s in scenarios:
@@ -294,8 +320,7 @@ def measure_scale(samples: int, argv: list[str], env: dict[str, str]) -> dict[st
         s.add, s.dele, s.rss = [], [], []
         for _ in range(samples):
             s.sample()
-        out[label] = {"add": summary(s.add), "del": summary(s.dele),
-                      "maxrss_kb_p50": sorted(s.rss)[len(s.rss) // 2]}
+        out[label] = {"add": summary(s.add), "del": summary(s.dele)}
     first, full = out["1 lease held"]["add"]["p50"], out["63 held (pool full after ADD)"]["add"]
     out["growth_ratio_add_p50"] = round(full["p50"] / first, 3)
     out["failures"] = s.failures[:10]

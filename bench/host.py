@@ -26,6 +26,7 @@ from bench.common import (
     REPO,
     flavours,
     importtime_by_package,
+    peak_rss_kb,
     run_one,
     summary,
     write_json,
@@ -68,16 +69,21 @@ def measure(args: argparse.Namespace, scratch: Path, sock: Path) -> dict[str, An
     go_status = json.dumps({"cniVersion": "1.1.0", "name": "gobench", "type": "macvlan",
                             "master": "lo"}).encode()
     go = [str(HOST_GO_PLUGINS / "macvlan")]
+    # Go's skel wants the attachment variables even for STATUS: everyone gets them.
+    attach = {"CNI_CONTAINERID": "bench", "CNI_NETNS": "/proc/self/ns/net", "CNI_IFNAME": "x0",
+              "CNI_PATH": str(HOST_GO_PLUGINS)}
     cases: dict[str, tuple[list[str], dict[str, str], bytes]] = {
         "go macvlan VERSION": (go, {"CNI_COMMAND": "VERSION"}, VERSION_IN),
-        "go macvlan STATUS": (go, {"CNI_COMMAND": "STATUS"}, go_status),
+        "go macvlan STATUS": (go, {**attach, "CNI_COMMAND": "STATUS"}, go_status),
     }
     for flavour, argv in flavours(scratch, args.artifact).items():
         for command, stdin in (("VERSION", VERSION_IN), ("STATUS", status_conf)):
+            env = {**attach, "CNI_COMMAND": command} if command == "STATUS" else {
+                "CNI_COMMAND": command}
             cases[f"netkit {command} warm ({flavour})"] = (
-                argv, {"CNI_COMMAND": command, "CNI_NETKIT_AGENT_SOCKET": str(sock)}, stdin)
+                argv, {**env, "CNI_NETKIT_AGENT_SOCKET": str(sock)}, stdin)
             cases[f"netkit {command} cold ({flavour})"] = (
-                argv, {"CNI_COMMAND": command, "CNI_NETKIT_NO_AGENT": "1"}, stdin)
+                argv, {**env, "CNI_NETKIT_NO_AGENT": "1"}, stdin)
     samples: dict[str, list[float]] = {name: [] for name in cases}
     rss: dict[str, list[int]] = {name: [] for name in cases}
     outcome: dict[str, str] = {}
@@ -87,11 +93,15 @@ def measure(args: argparse.Namespace, scratch: Path, sock: Path) -> dict[str, An
             outcome[name] = f"exit {run.status}: {run.stdout.decode(errors='replace')[:120]}"
             if i:
                 samples[name].append(run.ms)
-                rss[name].append(run.maxrss_kb)
+    for name, (argv, env, stdin) in cases.items():
+        for _ in range(3):
+            kb = peak_rss_kb(argv, {"PATH": PATH, **env}, stdin)
+            if kb is not None:
+                rss[name].append(kb)
     return {
         "latency": {
-            name: {**summary(v), "maxrss_kb_p50": sorted(rss[name])[len(v) // 2],
-                   "outcome": outcome[name]}
+            name: {**summary(v), "maxrss_kb_p50": sorted(rss[name])[len(rss[name]) // 2]
+                   if rss[name] else None, "outcome": outcome[name]}
             for name, v in samples.items()
         },
         "importtime_cold_status_ms": _importtime(status_conf),

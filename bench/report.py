@@ -57,6 +57,8 @@ def print_guest(guest: dict[str, Any], heads: dict[str, Any]) -> None:
         h = heads.get(name, {})
         rss = s["maxrss_kb_p50"] / 1024 if s["maxrss_kb_p50"] else None
         fail = f"  [{s['failure_count']} failed]" if s["failure_count"] else ""
+        if s.get("fallbacks"):
+            fail += f"  [{s['fallbacks']} ran cold]"
         print(f"{name:42s} {_f(s['add']['p50'])} {_f(s['add']['p90'])} {_f(s['del']['p50'])} "
               f"{_f(s['del']['p90'])} {_f(s['conc_add']['p50'])} {_f(s['conc_del']['p50'])} "
               f"{_f(rss, 7)} {_f(h.get('add_p50_ratio'), 7, 2)} "
@@ -105,7 +107,8 @@ def print_host(host: dict[str, Any]) -> None:
     print("\n== host: VERSION and STATUS (host kernel has no netkit: STATUS answers 50), ms ==")
     print(f"{'case':40s} {'p50':>8s} {'p90':>8s} {'RSS MB':>7s}  outcome")
     for name, v in host["latency"].items():
-        print(f"{name:40s} {_f(v['p50'])} {_f(v['p90'])} {_f(v['maxrss_kb_p50'] / 1024, 7)}  "
+        rss = v["maxrss_kb_p50"] / 1024 if v.get("maxrss_kb_p50") else None
+        print(f"{name:40s} {_f(v['p50'])} {_f(v['p90'])} {_f(rss, 7)}  "
               f"{v['outcome'][:50]}")
     top = sorted(host["importtime_cold_status_ms"].items(), key=lambda kv: -kv[1])[:12]
     print("cold STATUS import self-time by package (ms): "
