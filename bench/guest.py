@@ -96,7 +96,8 @@ class Scenario:
     def environ(self, command: str, cid: str, netns: str) -> dict[str, str]:
         return {
             "PATH": PATH, "CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns,
-            "CNI_IFNAME": "net1", "CNI_PATH": os.environ["CNI_NETKIT_CNI_PLUGINS"], **self.env,
+            "CNI_IFNAME": "net1", "CNI_PATH": os.environ["CNI_NETKIT_CNI_PLUGINS"],
+            "CNI_NETKIT_STATE_DIRS": str(WORK / "state"), **self.env,
         }
 
     def stdin(self) -> bytes:

@@ -71,7 +71,7 @@ def measure(args: argparse.Namespace, scratch: Path, sock: Path) -> dict[str, An
     go = [str(HOST_GO_PLUGINS / "macvlan")]
     # Go's skel wants the attachment variables even for STATUS: everyone gets them.
     attach = {"CNI_CONTAINERID": "bench", "CNI_NETNS": "/proc/self/ns/net", "CNI_IFNAME": "x0",
-              "CNI_PATH": str(HOST_GO_PLUGINS)}
+              "CNI_PATH": str(HOST_GO_PLUGINS), "CNI_NETKIT_STATE_DIRS": str(scratch / "state")}
     cases: dict[str, tuple[list[str], dict[str, str], bytes]] = {
         "go macvlan VERSION": (go, {"CNI_COMMAND": "VERSION"}, VERSION_IN),
         "go macvlan STATUS": (go, {**attach, "CNI_COMMAND": "STATUS"}, go_status),

@@ -172,7 +172,8 @@ def main() -> int:
         "queues": args.queues, "stateDir": args.state_dir, **json.loads(args.conf),
     }).encode()
     env = {"CNI_CONTAINERID": "phases", "CNI_NETNS": args.netns, "CNI_IFNAME": "net1",
-           "CNI_PATH": os.environ.get("CNI_NETKIT_CNI_PLUGINS", ""), "PATH": os.environ["PATH"]}
+           "CNI_PATH": os.environ.get("CNI_NETKIT_CNI_PLUGINS", ""), "PATH": os.environ["PATH"],
+           "CNI_NETKIT_STATE_DIRS": args.state_dir}
     rounds = []
     for _ in range(args.repeat):
         rounds.append(_round(args.command, env, conf))

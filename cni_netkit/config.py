@@ -10,6 +10,7 @@ environment (4), ``CNI_ARGS`` (4/2), then the config itself (7).
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +45,25 @@ MAX_POOL: Final = 4096  # far beyond any NIC's queue count: a typo, not a pool
 IFNAMSIZ: Final = 16  # kernel limit including the NUL
 MAX_CONTAINER_ID: Final = 255
 DEFAULT_STATE_DIR: Final = "/var/lib/cni/netkit"
+
+# Where a network config may make the plugin (root) keep state and write files.
+# The config is not the node admin's alone: through a Multus
+# NetworkAttachmentDefinition any user who may create one in a namespace
+# writes it.  The environment is the runtime's, set by the node's admin, so
+# the allowed places come from there (docs/security.md).  Colon-separated.
+STATE_DIRS_ENV: Final = "CNI_NETKIT_STATE_DIRS"  # stateDir must be one of these
+LOG_DIRS_ENV: Final = "CNI_NETKIT_LOG_DIRS"  # logFile must be inside one of these
+DEVICE_INFO_DIRS_ENV: Final = "CNI_NETKIT_DEVICE_INFO_DIRS"  # CNIDeviceInfoFile inside one
+# The masters and queues a config may lease: "eth1=8-15;eth2=0-3,6" (queue lists as in
+# "queues").  Unset: any (a node without multi-tenant NADs); docs/security.md.
+MASTERS_ENV: Final = "CNI_NETKIT_MASTERS"
+DEFAULT_STATE_DIRS: Final = (DEFAULT_STATE_DIR,)
+DEFAULT_LOG_DIRS: Final = ("/var/log/cni-netkit",)
+# Multus writes device-info files under <base>/devinfo/cni (nadutils); /var/run is /run.
+DEFAULT_DEVICE_INFO_DIRS: Final = (
+    "/run/k8s.cni.cncf.io/devinfo",
+    "/var/run/k8s.cni.cncf.io/devinfo",
+)
 
 # What each command needs beyond CNI_COMMAND (the spec's table; DEL's netns may be gone).
 _REQUIRED_ENV: Final[dict[str, tuple[str, ...]]] = {
@@ -130,6 +150,11 @@ def _absolute_path(path: str) -> str:
         raise ValueError(f"must be an absolute path, got {_short(path)}")
     if "\0" in path:
         raise ValueError("must not contain a NUL byte")
+    # "a/../b", "a/./b", "a//b", "a/": one spelling per place, so that the
+    # containment checks below compare names, not guesses about them.
+    if path.startswith("//") or posixpath.normpath(path) != path:
+        raise ValueError(f"must be a normalized path (no '.', '..', '//' or trailing '/'), "
+                         f"got {_short(path)}")
     return path
 
 
@@ -391,6 +416,7 @@ def parse_invocation(environ: Mapping[str, str], stdin: bytes) -> Invocation:
         config = NetConf.model_validate(raw)
     except ValidationError as e:
         raise errors.InvalidConfig("invalid network configuration", _explain(e)) from None
+    _check_places(config, environ)
     env_mac = cni_args.get("MAC")
     if env_mac is not None:
         try:
@@ -413,6 +439,112 @@ def parse_invocation(environ: Mapping[str, str], stdin: bytes) -> Invocation:
         raw=raw,
         mac=config.mac or env_mac,
     )
+
+
+def allowed_dirs(
+    environ: Mapping[str, str], name: str, default: tuple[str, ...]
+) -> tuple[str, ...]:
+    """The directories the node's admin allows in ``name`` (colon-separated), else ``default``.
+
+    Entries that are not absolute, normalized paths are ignored: an admin's
+    typo must not widen the policy (``""`` or ``"."`` would allow everything).
+    """
+    value = environ.get(name)
+    if value is None:
+        return default
+    dirs = []
+    for d in value.split(":"):
+        try:
+            dirs.append(_absolute_path(d))
+        except ValueError:
+            continue
+    return tuple(dirs)
+
+
+def _inside(path: str, directory: str) -> bool:
+    return directory == "/" or path.startswith(directory + "/")
+
+
+def _check_places(config: NetConf, environ: Mapping[str, str]) -> None:
+    """stateDir, logFile and CNIDeviceInfoFile only where the node's admin allows them.
+
+    InvalidConfig (7) otherwise, before anything is written: the plugin runs
+    as root, and these names come from a config a namespace user may write.
+    """
+    _check_pool(config, environ)
+    states = allowed_dirs(environ, STATE_DIRS_ENV, DEFAULT_STATE_DIRS)
+    if config.state_dir not in states:
+        raise errors.InvalidConfig(
+            f"stateDir {_short(config.state_dir)} is not a state directory of this node",
+            f"allowed: {', '.join(states) or 'none'} (set by the node's {STATE_DIRS_ENV})",
+        )
+    places = (
+        ("logFile", config.log_file, LOG_DIRS_ENV, DEFAULT_LOG_DIRS),
+        ("runtimeConfig.CNIDeviceInfoFile", config.runtime_config.cni_device_info_file,
+         DEVICE_INFO_DIRS_ENV, DEFAULT_DEVICE_INFO_DIRS),
+    )
+    for key, path, env, default in places:
+        if path is None:
+            continue
+        dirs = allowed_dirs(environ, env, default)
+        if not any(_inside(path, d) for d in dirs):
+            raise errors.InvalidConfig(
+                f"{key} {_short(path)} is outside the directories this node allows",
+                f"allowed: inside {', '.join(dirs) or 'none'} (set by the node's {env})",
+            )
+
+
+def allowed_pools(environ: Mapping[str, str]) -> dict[str, frozenset[int]] | None:
+    """The node admin's ``CNI_NETKIT_MASTERS``: master -> queues a config may lease; None: any.
+
+    A malformed entry allows nothing (it is skipped), so a typo narrows the
+    policy instead of opening it.
+    """
+    value = environ.get(MASTERS_ENV)
+    if value is None:
+        return None
+    pools: dict[str, frozenset[int]] = {}
+    for entry in value.split(";"):
+        master, sep, queues = entry.strip().partition("=")
+        if not sep or ifname_problem(master.strip()) is not None:
+            continue
+        try:
+            ids = frozenset(parse_queue_pool(queues))
+        except ValueError:
+            continue
+        pools[master.strip()] = pools.get(master.strip(), frozenset()) | ids
+    return pools
+
+
+def _check_pool(config: NetConf, environ: Mapping[str, str]) -> None:
+    """``master`` and ``queues`` inside what the node's admin set aside for leasing."""
+    pools = allowed_pools(environ)
+    if pools is None:
+        return
+    allowed = pools.get(config.master)
+    if allowed is None:
+        raise errors.InvalidConfig(
+            f"master {_short(config.master)} is not a NIC this node leases queues of",
+            f"allowed: {', '.join(sorted(pools)) or 'none'} (set by the node's {MASTERS_ENV})",
+        )
+    outside = sorted(set(config.queues) - allowed)
+    if outside:
+        raise errors.InvalidConfig(
+            f"queues {_spans(outside)} of {config.master} are not set aside for leasing",
+            f"allowed on {config.master}: {_spans(sorted(allowed))} "
+            f"(set by the node's {MASTERS_ENV})",
+        )
+
+
+def _spans(ids: list[int]) -> str:
+    """Sorted ``[1, 2, 3, 7]`` as ``"1-3,7"``."""
+    runs: list[list[int]] = []
+    for q in ids:
+        if runs and q == runs[-1][1] + 1:
+            runs[-1][1] = q
+        else:
+            runs.append([q, q])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def parse_command(environ: Mapping[str, str]) -> Command | Literal["VERSION"]:

@@ -21,6 +21,7 @@ structlog is imported inside the functions so VERSION never pays for it.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ def configure(level: str = "info", log_file: str | None = None) -> None:
             # Append mode, and every event is flushed: each line is one
             # write(2) at the end of the file, so concurrent plugin processes
             # (and agent requests) sharing the file interleave whole lines.
-            stream = Path(log_file).open("a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            stream = _open_log(log_file)
             owned = True
         except OSError as e:
             problem = f"{type(e).__name__}: {e}"
@@ -111,6 +112,26 @@ def configure(level: str = "info", log_file: str | None = None) -> None:
         get_logger().warning(
             "cannot open logFile, logging to stderr", log_file=log_file, error=problem
         )
+
+
+def _open_log(path: str) -> TextIO:
+    """Open ``path`` to append, creating it 0600 (and its missing parents 0750).
+
+    Never through a symlink: the plugin runs as root, and a link planted at the
+    log's name would make it append to any file on the node.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    # O_NONBLOCK: opening a FIFO planted there must fail (ENXIO), not wait for a reader;
+    # on a regular file it changes nothing.
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    fd = os.open(path, flags, 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device: not a log file
+            raise OSError(f"{path} is not a regular file")
+        return os.fdopen(fd, "a", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def close() -> None:

@@ -48,7 +48,7 @@ import structlog
 from cni_netkit import __version__, logs
 from cni_netkit.agent import install, nicprep, publish, server
 from cni_netkit.agent.probe import ProbeReport, probe
-from cni_netkit.config import DEFAULT_STATE_DIR
+from cni_netkit.config import DEFAULT_STATE_DIR, STATE_DIRS_ENV
 from cni_netkit.errors import NetkitError
 from cni_netkit.kernel import xsk
 from cni_netkit.kernel.ethtool import EthtoolAPI
@@ -486,13 +486,20 @@ def release(att: Attachment, kernel: KernelAPI, *, state_dir: Path, cni_path: Pa
 
     if att.netconf is None:
         raise ValueError(f"attachment {att.key} has no recorded network config")
-    conf = {**att.netconf, "stateDir": str(state_dir)}
+    # The agent's own state dir, and none of the runtime's per-call files: this
+    # DEL logs through the agent, and the record names the device-info file.
+    conf = {k: v for k, v in att.netconf.items() if k != "logFile"}
+    conf["stateDir"] = str(state_dir)
+    runtime = conf.get("runtimeConfig")
+    if isinstance(runtime, dict):
+        conf["runtimeConfig"] = {k: v for k, v in runtime.items() if k != "CNIDeviceInfoFile"}
     environ = {
         "CNI_COMMAND": "DEL",
         "CNI_CONTAINERID": att.container_id,
         "CNI_IFNAME": att.ifname,
         "CNI_NETNS": att.netns,
         "CNI_PATH": str(cni_path),
+        STATE_DIRS_ENV: str(state_dir),
     }
     inv = parse_invocation(environ, json.dumps(conf).encode())
     commands.delete(inv, kernel)

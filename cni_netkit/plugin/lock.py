@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cni_netkit.errors import TryAgainLater
+from cni_netkit.plugin.files import open_private, private_dir
 
 _POLL_INTERVAL = 0.005
 
@@ -26,9 +27,9 @@ def master_lock(state_dir: str, master: str, timeout: float) -> Iterator[None]:
 
     Raises TryAgainLater (code 11) after ``timeout`` seconds.
     """
-    lock_dir = Path(state_dir) / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(lock_dir / f"{master}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    private_dir(state_dir)
+    lock_dir = private_dir(Path(state_dir) / "locks")
+    fd = open_private(lock_dir / f"{master}.lock", os.O_RDWR | os.O_CREAT)
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cni_netkit.plugin.files import open_private, private_dir
 from cni_netkit.result import NetkitQueue, NetkitResult
 
 # The interface alias that marks a netkit as ours; the owner is readable from
@@ -148,18 +149,24 @@ class StateStore:
         return self.dir / f"{attachment_key(owner.network, owner.container_id, owner.ifname)}.json"
 
     def save(self, att: Attachment) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.root)
+        private_dir(self.dir)
         final = self.path(att.owner)
         tmp = final.with_suffix(f".tmp.{os.getpid()}")
-        with tmp.open("w") as f:
-            json.dump(att.to_json(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(final)
+        tmp.unlink(missing_ok=True)  # a killed run's leftover with our pid (never followed)
+        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(att.to_json(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(final)  # rename(2) replaces a symlink at ``final``, never follows it
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load(self, owner: Owner) -> Attachment | None:
         try:
-            data = json.loads(self.path(owner).read_text())
+            data = json.loads(_read(self.path(owner)))
         except FileNotFoundError:
             return None
         return Attachment.from_json(data)
@@ -176,6 +183,12 @@ class StateStore:
             return
         for p in sorted(self.dir.glob("*.json")):
             try:
-                yield Attachment.from_json(json.loads(p.read_text()))
+                yield Attachment.from_json(json.loads(_read(p)))
             except (OSError, ValueError, TypeError):
                 continue  # a torn or foreign file is not an attachment
+
+
+def _read(path: Path) -> str:
+    """A record's text; a symlink in its place is an error (ELOOP), never followed."""
+    with os.fdopen(open_private(path, os.O_RDONLY), encoding="utf-8") as f:
+        return f.read()

@@ -131,6 +131,7 @@ def add(kernel: FakeKernel, cfg: AgentConfig, pod_name: str, cid: str) -> Attach
         "CNI_IFNAME": "net1",
         "CNI_PATH": "",
         "CNI_ARGS": f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod_name}",
+        "CNI_NETKIT_STATE_DIRS": str(cfg.state_dir),
     }
     commands.add(parse_invocation(env, json.dumps(conf).encode()), kernel)
     (att,) = [a for a in StateStore(cfg.state_dir) if a.container_id == cid]

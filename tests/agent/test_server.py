@@ -168,7 +168,7 @@ def test_concurrent_requests_each_see_only_their_own_environment_and_log(
     replies: dict[int, tuple[str, int] | None] = {}
 
     def one(i: int) -> None:
-        env = env_for(i, CNI_NETKIT_TEST_FAULT=f"never-{i}")
+        env = env_for(i, CNI_NETKIT_TEST_FAULT=f"never-{i}", CNI_NETKIT_LOG_DIRS=str(tmp_path))
         replies[i] = relay(agent.path, env, conf(logFile=str(tmp_path / f"c{i}.log")))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]

@@ -191,6 +191,7 @@ class Runtime:
             "CNI_NETNS": netns,
             "CNI_IFNAME": ifname,
             "CNI_PATH": self.cni_path,
+            "CNI_NETKIT_STATE_DIRS": str(self.state_dir),
             **({} if cold else self.agent_env),
         }
         environ.update(env or {})

@@ -35,7 +35,8 @@ def test_artifact_add_check_del(nic: Nic, make_netns: Any, tmp_path: Path) -> No
 
     def cni(command: str, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
         env = {"CNI_COMMAND": command, "CNI_CONTAINERID": "art1", "CNI_NETNS": netns,
-               "CNI_IFNAME": "net1", "CNI_PATH": str(bin_dir)}
+               "CNI_IFNAME": "net1", "CNI_PATH": str(bin_dir),
+               "CNI_NETKIT_STATE_DIRS": str(tmp_path / "state")}
         return subprocess.run([str(bin_dir / "netkit")], input=json.dumps(config), env=env,
                               capture_output=True, text=True, timeout=600, cwd="/", check=False)
 

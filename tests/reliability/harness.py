@@ -277,6 +277,14 @@ class Net:
     def cni_path(self) -> str:
         return os.environ.get("CNI_NETKIT_CNI_PLUGINS", "")
 
+    @property
+    def places(self) -> dict[str, str]:
+        """The node admin's environment that lets this network use its temporary dirs."""
+        return {"CNI_NETKIT_MASTERS": f"{self.master}={self.queues}",
+                "CNI_NETKIT_STATE_DIRS": str(self.state_dir),
+                "CNI_NETKIT_DEVICE_INFO_DIRS": str(self.devinfo_dir),
+                "CNI_NETKIT_LOG_DIRS": str(self.root / "log")}
+
     def conf(self, container_id: str | None = None, ifname: str = "net1",
              **over: Any) -> dict[str, Any]:
         c: dict[str, Any] = {
@@ -312,9 +320,9 @@ class Net:
                 {"containerID": c, "ifname": i} for c, i in sorted(valid)]
         if prev is not None:
             conf["prevResult"] = prev
-        env = cni_env(command, cni_path=self.cni_path) if whole else cni_env(
+        env = cni_env(command, cni_path=self.cni_path, extra=self.places) if whole else cni_env(
             command, container_id=container_id, netns=netns, ifname=ifname,
-            cni_path=self.cni_path)
+            cni_path=self.cni_path, extra=self.places)
         return env, json.dumps(conf).encode()
 
     def call(self, command: str, container_id: str = "", netns: str = "", ifname: str = "net1",

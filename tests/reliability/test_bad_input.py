@@ -242,22 +242,32 @@ def cni_args_breaks() -> st.SearchStrategy[Break]:
 _CONFIG_BREAKS: dict[str, list[Any]] = {
     "name": ["", "a b", "../x", "x/y", "ñet", "-x", 5, None, [], {}],
     "type": [5, None, [], {}],
-    "master": ["", "x" * 16, "a/b", "a b", "..", ".", "eth0\n", "é" * 8, 5, None, []],
+    "master": ["", "x" * 16, "a/b", "a b", "..", ".", "eth0\n", "é" * 8, 5, None, [],
+               "lo", "eth9"],  # not a master the node's admin set aside
+
     "queues": [-1, [-1], [65536], 10**30, [10**30], "7-3", ["0-3", "2-5"], [1, 1], "1,1",
                [], "", "x", 1.5, True, [True], {"a": 1}, "0-5000", [[1]], "-1", "1--2",
-               "1-", None, [1.0], "0x10", "1e3"],
+               "1-", None, [1.0], "0x10", "1e3",
+               "0-8", "1-9", [0], "9-12"],  # outside the admin's pool 1-8
     "queuesPerAttachment": [0, -1, 10**20, "1", 1.0, True, None, 9],
     "pairing": ["both", "", "SINGLE", 1, None],
     "mode": ["l4", "L2", "", 0, None],
     "mtu": [0, 67, 65536, "1500", 1500.5, -1, 10**30, True],
-    "logFile": ["relative/log", "", 5, "/tmp/x\x00y"],
+    # Outside the admin's directories (a NetworkAttachmentDefinition is a user's to write),
+    # or spelled to climb out of them.
+    "logFile": ["relative/log", "", 5, "/tmp/x\x00y", "/etc/cron.d/x", "/root/.bashrc",
+                "/var/log/cni-netkit/../../../etc/passwd", "/var/log/cni-netkit",
+                "/var/log/cni-netkit/", "//var/log/cni-netkit/x"],
     "logLevel": ["trace", 1, "", None],
-    "stateDir": ["relative", "", 5, "/x\x00y", None],
+    "stateDir": ["relative", "", 5, "/x\x00y", None, "/etc", "/", "/var/lib/cni/netkit/../x",
+                 "/var/lib/cni/netkit/", "/var/lib/cni/netkit/sub", "/var/lib/cni"],
     "lockTimeout": [0, -1, 301, "10", 10**30, HUGE, None],
     "ipam": [{"type": "host-local"}, "host-local", 5, []],  # single pairing has no IP
     "runtimeConfig": [{"mac": "zz"}, {"mac": "01:00:5e:00:00:01"}, {"mac": "00:00:00:00:00:00"},
                       {"mac": 5}, {"CNIDeviceInfoFile": "relative.json"},
-                      {"CNIDeviceInfoFile": 5}, "x", 5, []],
+                      {"CNIDeviceInfoFile": 5}, {"CNIDeviceInfoFile": "/etc/x.json"},
+                      {"CNIDeviceInfoFile": "/run/k8s.cni.cncf.io/devinfo/../../x.json"},
+                      {"CNIDeviceInfoFile": "/run/k8s.cni.cncf.io/devinfo"}, "x", 5, []],
     "args": [{"cni": "x"}, {"cni": {"mac": 5}}, {"cni": {"mac": "bad"}}, 5, "x", []],
     "capabilities": [{"mac": "yes"}, [], "x"],
     "prevResult": ["x", 5, []],
@@ -581,7 +591,9 @@ def test_del_never_removes_a_device_info_file_it_did_not_write(
     victim = tmp_path / "precious"
     victim.write_text("not the plugin's")
     with figures.suite("bad input (host)").case("DEL names a file it never wrote") as c:
-        env = cni_env("DEL", container_id="never-added", ifname=IFNAME)
+        # Even where the node's admin allows device-info files.
+        env = cni_env("DEL", container_id="never-added", ifname=IFNAME,
+                      extra={**net.places, "CNI_NETKIT_DEVICE_INFO_DIRS": str(tmp_path)})
         conf = {**net.conf(), "runtimeConfig": {"CNIDeviceInfoFile": str(victim)}}
         reply = call(env, json.dumps(conf).encode())
         assert reply.status == 0, str(reply)
@@ -621,7 +633,8 @@ def test_add_never_overwrites_a_file_named_as_device_info(
     try:
         net = Net(tmp_path, nic.name, "1-8")
         pod = make_netns()
-        victim = tmp_path / "precious"
+        net.devinfo_dir.mkdir()  # where the node's admin allows device-info files
+        victim = net.devinfo_dir / "precious"
         victim.write_text("not the plugin's")
         before = observe(nic, net)
         with figures.suite("bad input (VM)").case("ADD with an existing device-info file") as c:

@@ -123,6 +123,7 @@ def test_del_of_an_unknown_container_loads_the_whole_plugin(
         "CNI_IFNAME": "net1",
         "CNI_NETNS": str(tmp_path / "gone-netns"),
         "CNI_PATH": str(installed),
+        "CNI_NETKIT_STATE_DIRS": str(tmp_path / "state"),
     }
     res = run_clean(installed / "netkit", env, json.dumps(conf))
     assert (res.returncode, res.stdout) == (0, ""), res.stdout + res.stderr

@@ -50,7 +50,7 @@ def inv(command: str, state: Path, *, cid: str = "c1", netns: str = POD, ifname:
                          "master": "eth0", "queues": "8-15", "stateDir": str(state)}
     c.update(conf)
     env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns,
-           "CNI_IFNAME": ifname, "CNI_PATH": ""}
+           "CNI_IFNAME": ifname, "CNI_PATH": "", "CNI_NETKIT_STATE_DIRS": str(state)}
     return parse_invocation(env, json.dumps(c).encode())
 
 

@@ -72,6 +72,7 @@ def test_minimal_config_takes_the_documented_defaults() -> None:
 
 def test_full_config_reads_every_camel_case_key() -> None:
     cfg = parse(
+        {**ADD_ENV, "CNI_NETKIT_STATE_DIRS": "/run/netkit", "CNI_NETKIT_LOG_DIRS": "/var/log"},
         queuesPerAttachment=2,
         pairing="pair",
         mode="l3",
@@ -244,6 +245,69 @@ def test_paths_must_be_absolute(key: str) -> None:
 def test_device_info_file_must_be_absolute() -> None:
     err = rejected(7, runtimeConfig={"CNIDeviceInfoFile": "x.json"})
     assert err.details.startswith("runtimeConfig.CNIDeviceInfoFile: must be an absolute path")
+
+
+# --- where a config may make the plugin write (a NetworkAttachmentDefinition is a user's) ---
+
+
+def test_default_places_are_the_plugins_own_and_multus_device_info_dirs() -> None:
+    cfg = parse(
+        stateDir="/var/lib/cni/netkit",
+        logFile="/var/log/cni-netkit/netkit.log",
+        runtimeConfig={"CNIDeviceInfoFile":
+                       "/var/run/k8s.cni.cncf.io/devinfo/cni/afxdp-c1-net1-device-info.json"},
+    ).config
+    assert cfg.state_dir == "/var/lib/cni/netkit"
+    assert parse().config.state_dir == "/var/lib/cni/netkit"  # the default is allowed
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("stateDir", "/etc"),
+        ("stateDir", "/"),
+        ("stateDir", "/var/lib/cni"),
+        ("stateDir", "/var/lib/cni/netkit/sub"),  # other locks: two ADDs could race
+        ("logFile", "/etc/cron.d/netkit"),
+        ("logFile", "/var/log/cni-netkit"),  # the directory itself is not a file inside it
+        ("logFile", "/var/log/cni-netkitX/n.log"),  # a prefix of the name is not inside
+    ],
+)
+def test_a_config_cannot_point_the_plugin_at_other_places(key: str, value: str) -> None:
+    err = rejected(7, **{key: value})
+    assert err.msg.startswith(f'{key} "{value}"')
+    assert "CNI_NETKIT_" in err.details  # says which setting of the node's admin decides
+
+
+def test_a_device_info_file_outside_multus_dirs_is_refused() -> None:
+    err = rejected(7, runtimeConfig={"CNIDeviceInfoFile": "/etc/ld.so.preload"})
+    assert err.msg.startswith('runtimeConfig.CNIDeviceInfoFile "/etc/ld.so.preload" is outside')
+    assert "/run/k8s.cni.cncf.io/devinfo" in err.details
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/var/log/cni-netkit/../../../etc/passwd", "/var/log/cni-netkit/./x", "//var/log/x",
+     "/var/log/cni-netkit//x", "/var/log/cni-netkit/x/"],
+)
+def test_paths_are_normalized_so_they_cannot_climb_out(path: str) -> None:
+    assert "logFile: must be a normalized path" in rejected(7, logFile=path).details
+
+
+def test_the_node_admin_chooses_the_places_in_the_environment() -> None:
+    env = {**ADD_ENV, "CNI_NETKIT_STATE_DIRS": "/srv/a:/srv/b", "CNI_NETKIT_LOG_DIRS": "/srv/log",
+           "CNI_NETKIT_DEVICE_INFO_DIRS": "/srv/dev"}
+    cfg = parse(env, stateDir="/srv/b", logFile="/srv/log/x/n.log",
+                runtimeConfig={"CNIDeviceInfoFile": "/srv/dev/d.json"}).config
+    assert (cfg.state_dir, cfg.log_file) == ("/srv/b", "/srv/log/x/n.log")
+    # ... and the defaults are no longer allowed.
+    assert rejected(7, env=env).msg.startswith('stateDir "/var/lib/cni/netkit"')
+
+
+@pytest.mark.parametrize("value", ["", ":", "relative", ".", "/srv/../", "/srv/"])
+def test_a_malformed_admin_setting_allows_nothing_more(value: str) -> None:
+    env = {**ADD_ENV, "CNI_NETKIT_LOG_DIRS": value}
+    assert rejected(7, env=env, logFile="/srv/n.log").msg.startswith('logFile "/srv/n.log"')
 
 
 @pytest.mark.parametrize("value", [0, -1, 300.5, "10", True])
@@ -602,3 +666,36 @@ def test_mac_in_config_args_is_validated() -> None:
     assert rejected(7, mode="l3", args={"cni": {"mac": "02:00:00:00:00:01"}}).details.startswith(
         "args.cni.mac: an l3 netkit has no MAC"
     )
+
+
+# --- which NICs and queues a config may lease --------------------------------------------------
+
+
+def test_without_the_admins_masters_setting_any_master_is_accepted() -> None:
+    assert parse().config.master == BASE["master"]
+
+
+@pytest.mark.parametrize("masters", ["eth9=0-3;{m}=0-31", " {m} = 8-15 ", "{m}=0-7;{m}=8-40"])
+def test_a_pool_inside_the_admins_masters_is_accepted(masters: str) -> None:
+    env = {**ADD_ENV, "CNI_NETKIT_MASTERS": masters.format(m=BASE["master"])}
+    assert parse(env, queues="8-15").config.queues == tuple(range(8, 16))
+
+
+def test_a_master_the_admin_did_not_set_aside_is_refused() -> None:
+    env = {**ADD_ENV, "CNI_NETKIT_MASTERS": "eth1=8-15"}
+    err = rejected(7, env=env, master="eth0")  # e.g. the node's own uplink
+    assert err.msg == 'master "eth0" is not a NIC this node leases queues of'
+    assert "allowed: eth1 (set by the node's CNI_NETKIT_MASTERS)" in err.details
+
+
+def test_queues_outside_the_admins_pool_are_refused_and_named() -> None:
+    env = {**ADD_ENV, "CNI_NETKIT_MASTERS": f"{BASE['master']}=8-11,14"}
+    err = rejected(7, env=env, queues="8-15")
+    assert err.msg == f"queues 12-13,15 of {BASE['master']} are not set aside for leasing"
+    assert "allowed on" in err.details and "8-11,14" in err.details
+
+
+@pytest.mark.parametrize("masters", ["", "garbage", "{m}", "{m}=x", "{m}=5-1", "a/b=1"])
+def test_a_malformed_masters_setting_allows_nothing(masters: str) -> None:
+    env = {**ADD_ENV, "CNI_NETKIT_MASTERS": masters.format(m=BASE["master"])}
+    assert rejected(7, env=env).msg.startswith("master ")

@@ -264,7 +264,8 @@ def test_logs_go_to_the_log_file_with_the_invocation_context(
 ) -> None:
     plugin.side_effect = lambda inv: structlog.get_logger("plugin").info("leased", queues=[8])
     log_file = tmp_path / "netkit.log"
-    status, out = invoke(ENV, conf_bytes(logFile=str(log_file), logLevel="debug"))
+    status, out = invoke({**ENV, "CNI_NETKIT_LOG_DIRS": str(tmp_path)},
+                         conf_bytes(logFile=str(log_file), logLevel="debug"))
     assert status == 0
     assert "leased" not in out
     lines = [json.loads(line) for line in log_file.read_text().splitlines()]

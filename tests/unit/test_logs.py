@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,14 +77,45 @@ def test_default_is_info_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
 def test_an_unusable_log_file_falls_back_to_stderr(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    logs.configure("info", str(tmp_path / "missing-dir" / "netkit.log"))
+    (tmp_path / "a-file").write_text("")
+    logs.configure("info", str(tmp_path / "a-file" / "netkit.log"))
     logs.get_logger().info("still logged")
     out, err = capsys.readouterr()
     assert out == ""
     events = [json.loads(line) for line in err.splitlines()]
     assert events[0]["event"] == "cannot open logFile, logging to stderr"
-    assert "FileNotFoundError" in events[0]["error"]
+    assert "FileExistsError" in events[0]["error"]  # mkdir of its parent
     assert events[1]["event"] == "still logged"
+
+
+def test_the_log_file_is_private_and_its_missing_directories_are_made(tmp_path: Path) -> None:
+    path = tmp_path / "cni-netkit" / "netkit.log"
+    logs.configure("info", str(path))
+    logs.get_logger().info("first")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) & 0o027 == 0
+    logs.configure("info", str(path))  # appended to, never truncated
+    logs.get_logger().info("second")
+    assert [e["event"] for e in lines(path)] == ["first", "second"]
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+def test_the_log_file_is_never_a_planted_link_or_fifo(
+    tmp_path: Path, planted: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    path = tmp_path / "netkit.log"
+    if planted == "symlink":
+        path.symlink_to(victim)
+    else:
+        os.mkfifo(path)  # with no reader: opening it must not hang the plugin
+    logs.configure("info", str(path))
+    logs.get_logger().info("logged")
+    assert victim.read_text() == "precious\n"
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert events[0]["event"] == "cannot open logFile, logging to stderr"
+    assert events[1]["event"] == "logged"
 
 
 def test_exceptions_are_logged_with_their_traceback(tmp_path: Path) -> None:

@@ -150,7 +150,7 @@ def add_inv(state: Path, **conf: Any) -> Any:
     c = {"cniVersion": "1.1.0", "name": "afxdp", "type": "netkit", "master": "eth0",
          "queues": "8-15", "stateDir": str(state), **conf}
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/var/run/netns/pod1",
-           "CNI_IFNAME": "net1", "CNI_PATH": "",
+           "CNI_IFNAME": "net1", "CNI_PATH": "", "CNI_NETKIT_STATE_DIRS": str(state),
            "CNI_ARGS": "K8S_POD_NAMESPACE=vms;K8S_POD_NAME=vm-a"}
     return parse_invocation(env, json.dumps(c).encode())
 
