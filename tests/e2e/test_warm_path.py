@@ -158,7 +158,8 @@ def test_concurrent_adds_through_the_agent_get_distinct_queues(
         subprocess.Popen(
             [NETKIT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**PATH_ENV, **agent.env, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": cid,
-                 "CNI_NETNS": ns, "CNI_IFNAME": "net1", "CNI_PATH": runtime.cni_path},
+                 "CNI_NETNS": ns, "CNI_IFNAME": "net1", "CNI_PATH": runtime.cni_path,
+                 "CNI_NETKIT_STATE_DIRS": str(runtime.state_dir)},
         )
         for cid, ns in spaces
     ]
