@@ -64,7 +64,8 @@ def call(command: str, conf: dict[str, Any], *, container_id: str = "c1", netns:
          ifname: str = "net1", cni_args: str = "") -> Result | None:
     """The plugin in-process, with the real kernel."""
     environ = {"CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_NETNS": netns,
-               "CNI_IFNAME": ifname, "CNI_PATH": "", "CNI_ARGS": cni_args}
+               "CNI_IFNAME": ifname, "CNI_PATH": "", "CNI_ARGS": cni_args,
+               "CNI_NETKIT_STATE_DIRS": conf["stateDir"]}
     inv = parse_invocation(environ, json.dumps(conf).encode())
     with Kernel() as kernel:
         return commands.run(inv, kernel)
