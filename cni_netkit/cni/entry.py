@@ -43,6 +43,9 @@ _STDIN_LIMIT = (1 << 20) + 1
 # entry points when the first model is built (~13 ms on a host, ~0.3 s in
 # the VM); we use no pydantic plugin.  pydantic documents this variable.
 _PYDANTIC_NO_PLUGINS = ("PYDANTIC_DISABLE_PLUGINS", "__all__")
+# Set by the thin C client (shim.c) when the agent was lost after it took the
+# request: the reason. This process then only answers error 11.
+_LOST_ENV = "CNI_NETKIT_AGENT_LOST"
 
 
 def main() -> None:
@@ -55,6 +58,8 @@ def main() -> None:
     try:
         stdin = _stdin()
         status = None
+        if _LOST_ENV in os.environ:
+            _leave(_lost_in_shim(os.environ[_LOST_ENV], stdin, reply))
         if client.enabled(os.environ):
             status, stdin = _relay(stdin, reply)
             if status is not None:
@@ -128,6 +133,28 @@ def _lost(lost: client.AgentLost, data: bytes) -> tuple[dict[str, Any], int]:
     err = errors.TryAgainLater(lost.msg, lost.details)
     _log_failure(err)
     return error_json(err, _reply_version(data)), 1
+
+
+def _lost_in_shim(why: str, stdin: BinaryIO | None, out: IO[str]) -> int:
+    """The thin C client (``shim.c``) lost the agent after commit: reply as ``relay`` would.
+
+    The shim cannot build the error reply without parsing JSON, so it execs
+    this executable with ``CNI_NETKIT_AGENT_LOST`` set to what happened; the
+    answer is the one ``client.AgentLost`` gets, and no plugin work is done.
+    """
+    try:
+        data = b"" if stdin is None else stdin.read(_STDIN_LIMIT)
+    except OSError:
+        data = b""
+    command = os.environ.get("CNI_COMMAND", "")
+    lost = client.AgentLost(
+        f"node agent lost during {command}",
+        f"{why} (socket {client.socket_path(os.environ)}); not retried here because the agent "
+        "may have done part of it",
+    )
+    reply, status = _lost(lost, data)
+    _write(out, reply)
+    return status
 
 
 def _write(out: IO[str], reply: dict[str, Any] | None) -> None:
