@@ -49,8 +49,13 @@ extern char **environ;
 
 #define DEFAULT_SOCKET "/run/cni-netkit/cni.sock"
 #define PLUGIN_NAME "netkit-plugin"
+/* client.READY_TIMEOUT and client.SILENCE_LIMIT (tests compile shorter ones in) */
+#ifndef READY_TIMEOUT_MS
 #define READY_TIMEOUT_MS 2000
+#endif
+#ifndef SILENCE_LIMIT_MS
 #define SILENCE_LIMIT_MS 10000
+#endif
 #define MAX_STDIN ((1u << 20) + 1)
 #define MAX_META (4u << 10)
 #define MAX_REFUSAL 4096u
