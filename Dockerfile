@@ -17,13 +17,15 @@ ARG DEBIAN_IMAGE=debian:bookworm-slim
 FROM ${DEBIAN_IMAGE} AS builder
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 # ca-certificates: pip talks TLS to the package index. build-artifact installs
-# the rest it needs itself (python3.11 with its shared libpython, binutils).
+# the rest it needs itself (python3.11 with its shared libpython, binutils;
+# build-shim, which it runs for the thin client `netkit`, gcc and libc6-dev).
 RUN apt-get update -qq \
  && apt-get install -y -qq --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY scripts/build-artifact scripts/build-artifact
+COPY scripts/build-shim scripts/build-shim
 COPY scripts/build-bpf scripts/build-bpf
 COPY bpf bpf
 COPY cni_netkit cni_netkit
@@ -50,7 +52,8 @@ RUN apt-get update -qq \
  && apt-get install -y -qq --no-install-recommends python3.11 ethtool ca-certificates libbpf1 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /opt/cni-netkit/venv /opt/cni-netkit/venv
-# Where the agent's default config looks for the artifact to install.
+# Where the agent's default config looks for the artifact to install: the thin
+# client `netkit`, the plugin `netkit-plugin` it falls back to, `_internal/`.
 COPY --from=builder /out/artifact /opt/cni-netkit/artifact
 COPY --from=builder /out/bpf/xsk_redirect.bpf.o /opt/cni-netkit/bpf/xsk_redirect.bpf.o
 ENV PATH=/opt/cni-netkit/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin PYTHONDONTWRITEBYTECODE=1

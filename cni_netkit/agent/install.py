@@ -1,14 +1,18 @@
 """Install the host artifact into the node's CNI bin dir, atomically and idempotently.
 
 The artifact (``scripts/build-artifact``) is a directory: the ``netkit``
-executable next to ``_internal/``. In the bin dir it lives as::
+executable (the thin C client, ``cni/shim.c``) next to ``netkit-plugin``
+(the PyInstaller-built plugin it execs when the node agent does not serve a
+request) and ``_internal/``. In the bin dir it lives as::
 
-    .netkit-<version>-<hash12>/netkit        (+ _internal/)
+    .netkit-<version>-<hash12>/netkit        (+ netkit-plugin, _internal/)
     netkit -> .netkit-<version>-<hash12>/netkit
 
-The PyInstaller bootloader finds its ``_internal`` through ``/proc/self/exe``,
-so running it through the symlink works (``tests/unit/test_artifact.py``
-checks). The symlink is relative because the agent sees the host's bin dir
+Both the thin client (for ``netkit-plugin``) and the PyInstaller bootloader
+(for ``_internal``) find their neighbours through ``/proc/self/exe``, so
+running it through the symlink works (``tests/unit/test_artifact.py``
+checks). The whole directory is one unit: hashed, copied and verified
+together, so the client never execs a plugin of another version. The symlink is relative because the agent sees the host's bin dir
 under another mount point (``/host/opt/cni/bin``) than the host does.
 
 Atomicity: the versioned directory is written under a temp name, every file
@@ -188,7 +192,8 @@ def _remove_old_versions(bin_dir: Path, name: str, keep: set[str]) -> tuple[Path
     for p in bin_dir.glob(f".{name}-*"):
         if p.name in keep or ".tmp-" in p.name or not p.is_dir():
             continue
-        if _executing(p / name):
+        # A process that fell back to the plugin runs ``<name>-plugin`` (same pid, exec'd).
+        if _executing(p / name) or _executing(p / f"{name}-plugin"):
             log.info("keeping old version: a process still runs it", path=str(p))
             continue
         _rmtree(p)

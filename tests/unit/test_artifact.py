@@ -68,12 +68,35 @@ def run_clean(
 
 def test_artifact_has_no_python_dependency_on_the_host(artifact: Path) -> None:
     # Everything it loads comes from its own _internal (or the C library).
-    out = subprocess.run(
-        ["ldd", str(artifact / "netkit")], capture_output=True, text=True, check=False
-    ).stdout
-    assert "libpython" not in out
+    for exe in ("netkit", "netkit-plugin"):
+        out = subprocess.run(
+            ["ldd", str(artifact / exe)], capture_output=True, text=True, check=False
+        ).stdout
+        assert "libpython" not in out
     assert list((artifact / "_internal").glob("libpython3*.so*"))
     assert not list((artifact / "_internal").rglob("kubernetes")), "the agent's deps leaked in"
+
+
+def test_netkit_is_the_thin_client_and_the_plugin_sits_beside_it(artifact: Path) -> None:
+    # The executable kubelet runs is the C thin client (no interpreter start on the
+    # warm path); the PyInstaller build is the plugin it execs.
+    netkit, plugin = (artifact / "netkit").read_bytes(), (artifact / "netkit-plugin").read_bytes()
+    assert netkit.startswith(b"\x7fELF") and plugin.startswith(b"\x7fELF")
+    assert b"CNI_NETKIT_AGENT_SOCKET" in netkit and b"CNI_NETKIT_PLUGIN_EXE" in netkit
+    assert b"PyInstaller" not in netkit and b"_MEIPASS" not in netkit
+    assert os.access(artifact / "netkit-plugin", os.X_OK)
+
+
+def test_without_an_agent_the_installed_thin_client_runs_the_plugin(installed: Path) -> None:
+    # No socket at the default path on a build machine: every call falls back, quietly.
+    res = run_clean(installed / "netkit", {"CNI_COMMAND": "VERSION",
+                                          "CNI_NETKIT_AGENT_SOCKET": "/nonexistent/cni.sock"})
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    res = run_clean(installed / "netkit", {"CNI_COMMAND": "VERSION",
+                                          "CNI_NETKIT_AGENT_SOCKET": "/dev/null"})
+    assert res.returncode == 0, res.stderr  # not a socket: fell back, with a note
+    assert "node agent not used" in res.stderr
 
 
 def test_version_from_a_copy_in_an_empty_dir_with_a_clean_env(installed: Path) -> None:
@@ -144,6 +167,7 @@ def test_dockerfile_builds_with_the_tested_script_and_installs_where_the_agent_l
 
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "RUN scripts/build-artifact /out/artifact" in dockerfile
+    assert "COPY scripts/build-shim scripts/build-shim" in dockerfile  # build-artifact runs it
     assert f"COPY --from=builder /out/artifact {AgentConfig(node='n').artifact}" in dockerfile
     # Every path the Dockerfile copies from the context is let through .dockerignore.
     allowed = {
