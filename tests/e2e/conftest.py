@@ -184,17 +184,8 @@ class Runtime:
         timeout: float = 600,
         cold: bool = False,
     ) -> Outcome:
-        environ = {
-            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-            "CNI_COMMAND": command,
-            "CNI_CONTAINERID": container_id,
-            "CNI_NETNS": netns,
-            "CNI_IFNAME": ifname,
-            "CNI_PATH": self.cni_path,
-            "CNI_NETKIT_STATE_DIRS": str(self.state_dir),
-            **({} if cold else self.agent_env),
-        }
-        environ.update(env or {})
+        environ = {**self.environ(command, container_id, netns, ifname),
+                   **({} if cold else self.agent_env), **(env or {})}
         self.calls.append((command, conf))
         p = subprocess.run(
             [NETKIT], input=json.dumps(conf), env=environ, capture_output=True, text=True,
@@ -202,16 +193,23 @@ class Runtime:
         )
         return Outcome(p.returncode, p.stdout, p.stderr)
 
-    def spawn(self, command: str, conf: dict[str, Any], **kw: str) -> subprocess.Popen[str]:
-        """Start one cold invocation (the plugin runs in the executable) and return at once."""
-        environ = {
+    def environ(self, command: str, container_id: str, netns: str, ifname: str
+                ) -> dict[str, str]:
+        """A runtime's environment for one request; the node allows this test's stateDir."""
+        return {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             "CNI_COMMAND": command,
-            "CNI_CONTAINERID": kw.get("container_id", "c1"),
-            "CNI_NETNS": kw.get("netns", ""),
-            "CNI_IFNAME": kw.get("ifname", "net1"),
+            "CNI_CONTAINERID": container_id,
+            "CNI_NETNS": netns,
+            "CNI_IFNAME": ifname,
             "CNI_PATH": self.cni_path,
+            "CNI_NETKIT_STATE_DIRS": str(self.state_dir),
         }
+
+    def spawn(self, command: str, conf: dict[str, Any], **kw: str) -> subprocess.Popen[str]:
+        """Start one cold invocation (the plugin runs in the executable) and return at once."""
+        environ = self.environ(command, kw.get("container_id", "c1"), kw.get("netns", ""),
+                               kw.get("ifname", "net1"))
         p = subprocess.Popen(
             [NETKIT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=environ, text=True,
