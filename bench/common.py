@@ -172,9 +172,34 @@ def lean_launcher(directory: Path) -> Path:
     return path
 
 
+def shim_launcher(directory: Path, plugin: Path) -> Path | None:
+    """The thin C client (``scripts/build-shim``) laid out as in the artifact, or None if unbuilt.
+
+    A copy of ``build/shim/netkit`` with ``netkit-plugin`` beside it linking to
+    ``plugin`` (the lean launcher): the shim finds its fallback through
+    ``/proc/self/exe`` exactly as installed, with no extra environment.
+    """
+    shim = REPO / "build" / "shim" / "netkit"
+    if not shim.is_file():
+        return None
+    home = directory / "shim"
+    home.mkdir(exist_ok=True)
+    exe = home / "netkit"
+    exe.write_bytes(shim.read_bytes())
+    exe.chmod(0o755)
+    link = home / "netkit-plugin"
+    link.unlink(missing_ok=True)
+    link.symlink_to(plugin)
+    return exe
+
+
 def flavours(scratch: Path, artifact: str | None) -> dict[str, list[str]]:
     """How to start our executable: name -> argv."""
-    got = {"venv": [str(VENV_NETKIT)], "lean": [str(lean_launcher(scratch))]}
+    lean = lean_launcher(scratch)
+    got = {"venv": [str(VENV_NETKIT)], "lean": [str(lean)]}
+    shim = shim_launcher(scratch, lean)
+    if shim is not None:
+        got["shim"] = [str(shim)]
     if artifact:
         exe = Path(artifact) / "netkit"
         # In the VM, /tmp, /run and /var are the guest's tmpfs; the host's are under /run/host.
