@@ -12,8 +12,9 @@ Both the thin client (for ``netkit-plugin``) and the PyInstaller bootloader
 (for ``_internal``) find their neighbours through ``/proc/self/exe``, so
 running it through the symlink works (``tests/unit/test_artifact.py``
 checks). The whole directory is one unit: hashed, copied and verified
-together, so the client never execs a plugin of another version. The symlink is relative because the agent sees the host's bin dir
-under another mount point (``/host/opt/cni/bin``) than the host does.
+together, so the client never execs a plugin of another version. The symlink
+is relative because the agent sees the host's bin dir under another mount
+point (``/host/opt/cni/bin``) than the host does.
 
 Atomicity: the versioned directory is written under a temp name, every file
 and directory fsynced, verified against the artifact's content hash, then
