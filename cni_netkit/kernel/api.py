@@ -1,15 +1,19 @@
-"""``Kernel``: the ``KernelAPI`` seam implemented over pyroute2 (rtnetlink + genl netdev).
+"""``Kernel``: the ``KernelAPI`` seam implemented over netlink (rtnetlink + genl netdev).
 
 Everything netlink stops here: callers get the frozen dataclasses of
 ``types.py`` and the errors of ``cni_netkit.errors``, each kernel error
 raised ``from`` pyroute2's ``NetlinkError`` and carrying the kernel's extack
-text in ``details``.
+text in ``details``.  Requests are framed by ``rawnl`` (pyroute2's request
+machinery cost 6-30 ms per request in the test VM, against well under one);
+pyroute2 still supplies the error type and the netkit / netdev attribute
+classes that document the wire format (``netkit``, ``netdev``).
 
-A ``Kernel`` keeps one rtnetlink and one netdev socket per netns path it
-touches, made by ``netns.socket_in`` (never by pyroute2's ``netns=``, which
-would create a missing netns).  An open socket pins its netns: a pod netns
-whose last other user is gone stays alive, with its netkit and leases, until
-``close()``.  Short-lived owners (one CNI command) are what this is for.
+A ``Kernel`` keeps one rtnetlink and one generic netlink socket per netns
+path it touches, made together by ``netns.sockets_in`` (never by pyroute2's
+``netns=``, which would create a missing netns).  An open socket pins its
+netns: a pod netns whose last other user is gone stays alive, with its
+netkit and leases, until ``close()``.  Short-lived owners (one CNI command)
+are what this is for.  The netdev family's id is looked up once per process.
 """
 
 from __future__ import annotations
@@ -18,25 +22,28 @@ import errno
 import ipaddress
 import os
 import socket
+import struct
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from types import TracebackType
 from typing import Any, cast
 
-from pyroute2.iproute.linux import IPRoute
 from pyroute2.netlink import NETLINK_GENERIC, NETLINK_ROUTE
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
-from pyroute2.netlink.rtnl.rtmsg import RT_SCOPE_LINK
 
 from cni_netkit.errors import KernelError, KernelUnsupported, kernel_error
 from cni_netkit.kernel import netkit as netkit_kind
 from cni_netkit.kernel import netns as ns
+from cni_netkit.kernel import rawnl as nl
 from cni_netkit.kernel.netdev import (
+    NETDEV_CMD_DEV_GET,
     NETDEV_CMD_QUEUE_CREATE,
+    NETDEV_CMD_QUEUE_GET,
+    NETDEV_GENL_NAME,
+    NETDEV_GENL_VERSION,
     XDP_ACT,
     XSK_FLAGS,
-    NetdevSocket,
     flag_names,
 )
 from cni_netkit.kernel.types import (
@@ -63,6 +70,35 @@ _PAIRINGS: dict[Pairing, int] = {"pair": 0, "single": 1}
 # The netns the calling process lives in, as a path for RTM_GETNSID's NETNSA_FD
 _OWN_NETNS = "/proc/self/ns/net"
 
+# include/uapi/linux/rtnetlink.h, if_link.h, netdev.h: what the hand-framed requests use
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS = 1, 3, 4, 18, 20
+IFLA_NET_NS_FD, IFLA_EXT_MASK, IFLA_NUM_TX_QUEUES, IFLA_NUM_RX_QUEUES = 28, 29, 31, 32
+IFLA_LINK_NETNSID, IFLA_PARENT_DEV_NAME, IFLA_PARENT_DEV_BUS_NAME = 37, 56, 57
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_NETKIT_PEER_INFO, IFLA_NETKIT_PRIMARY, IFLA_NETKIT_POLICY = 1, 2, 3
+IFLA_NETKIT_PEER_POLICY, IFLA_NETKIT_MODE, IFLA_NETKIT_SCRUB, IFLA_NETKIT_PEER_SCRUB = 4, 5, 6, 7
+IFLA_NETKIT_HEADROOM, IFLA_NETKIT_TAILROOM, IFLA_NETKIT_PAIRING = 8, 9, 10
+# IFLA_EXT_MASK: no statistics in link answers (nothing here reads them)
+RTEXT_FILTER_SKIP_STATS = 1 << 3
+NETDEV_A_DEV_IFINDEX, NETDEV_A_DEV_XDP_FEATURES, NETDEV_A_DEV_XDP_ZC_MAX_SEGS = 1, 3, 4
+NETDEV_A_DEV_XSK_FEATURES = 6
+NETDEV_A_QUEUE_ID, NETDEV_A_QUEUE_IFINDEX, NETDEV_A_QUEUE_TYPE = 1, 2, 3
+NETDEV_A_QUEUE_NAPI_ID, NETDEV_A_QUEUE_DMABUF, NETDEV_A_QUEUE_IO_URING = 4, 5, 6
+NETDEV_A_QUEUE_XSK, NETDEV_A_QUEUE_LEASE = 7, 8
+NETDEV_A_LEASE_IFINDEX, NETDEV_A_LEASE_QUEUE, NETDEV_A_LEASE_NETNS_ID = 1, 2, 3
+RTM_NEWADDR, RTM_NEWROUTE = 20, 24
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
+# what pyroute2 and `ip route add` default to: main table, "proto static", unicast
+RT_TABLE_MAIN, RTPROT_STATIC, RTN_UNICAST = 254, 4, 1
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
+_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+
+# The netdev family's id and ops: genl families are global, not per netns, and
+# live as long as the kernel (netdev is built in), so one lookup per process.
+_netdev_family: tuple[int, frozenset[int]] | None = None
+
 
 def _extack(e: NetlinkError) -> str:
     """The kernel's extack message; pyroute2 puts strerror() there when there is none."""
@@ -87,8 +123,8 @@ class Kernel:
     """The real kernel, through netlink; see the module docstring for socket lifetimes."""
 
     def __init__(self) -> None:
-        self._rtnl: dict[str | None, Any] = {}
-        self._netdev: dict[str | None, NetdevSocket] = {}
+        # hand-framed sockets (``rawnl``), by (netns, netlink protocol)
+        self._raw: dict[tuple[str | None, int], nl.NetlinkSocket] = {}
 
     def __enter__(self) -> Kernel:
         return self
@@ -103,40 +139,50 @@ class Kernel:
 
     def close(self) -> None:
         """Close every socket this instance opened (and so unpin their netns)."""
-        for sock in [*self._rtnl.values(), *self._netdev.values()]:
+        for sock in self._raw.values():
             sock.close()
-        self._rtnl.clear()
-        self._netdev.clear()
+        self._raw.clear()
 
     # --- sockets ----------------------------------------------------------
 
-    @staticmethod
-    def _raw_socket(netns: str | None, proto: int) -> int | None:
-        """An fd for pyroute2's ``fileno=`` made in ``netns``; None for our own netns."""
+    def _nl(self, netns: str | None, proto: int) -> nl.NetlinkSocket:
+        """The hand-framed socket of ``proto`` in ``netns``.
+
+        In another netns both protocols' sockets are made at once, in one
+        thread trip: an ADD needs both there (links, then queue-create).
+        """
+        sock = self._raw.get((netns, proto))
+        if sock is not None:
+            return sock
+        protos = [NETLINK_ROUTE, NETLINK_GENERIC]
         if netns is None:
-            return None
-        nsfd = ns.open_netns(netns)
-        try:
-            return ns.socket_in(nsfd, socket.AF_NETLINK, socket.SOCK_DGRAM, proto).detach()
-        finally:
-            os.close(nsfd)
-
-    def _ipr(self, netns: str | None) -> Any:
-        ipr = self._rtnl.get(netns)
-        if ipr is None:
-            # ext_ack: the kernel's reason comes back with the errno
-            ipr = IPRoute(fileno=self._raw_socket(netns, NETLINK_ROUTE), ext_ack=True)
-            self._rtnl[netns] = ipr
-        return ipr
-
-    def _genl(self, netns: str | None) -> NetdevSocket:
-        sock = self._netdev.get(netns)
-        if sock is None:
-            sock = NetdevSocket(fileno=self._raw_socket(netns, NETLINK_GENERIC), ext_ack=True)
+            made = [socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, p) for p in protos]
+        else:
+            nsfd = ns.open_netns(netns)
             try:
-                sock.bind()
+                made = ns.sockets_in(
+                    nsfd, [(socket.AF_NETLINK, socket.SOCK_RAW, p) for p in protos]
+                )
+            finally:
+                os.close(nsfd)
+        for p, raw in zip(protos, made, strict=True):
+            if (netns, p) in self._raw:
+                raw.close()
+            else:
+                self._raw[(netns, p)] = nl.NetlinkSocket(raw)
+        return self._raw[(netns, proto)]
+
+    def _rt(self, netns: str | None) -> nl.NetlinkSocket:
+        return self._nl(netns, NETLINK_ROUTE)
+
+    def _netdev(self, netns: str | None) -> tuple[nl.NetlinkSocket, int, frozenset[int]]:
+        """The genl socket in ``netns``, the netdev family's id and its ops."""
+        global _netdev_family  # noqa: PLW0603 - a per-process cache, see its comment
+        sock = self._nl(netns, NETLINK_GENERIC)
+        if _netdev_family is None:
+            try:
+                _netdev_family = nl.genl_family(sock, NETDEV_GENL_NAME)
             except NetlinkError as e:
-                sock.close()
                 if e.code == errno.ENOENT:
                     raise KernelUnsupported(
                         f"the running kernel ({os.uname().release}) has no netdev generic "
@@ -145,15 +191,21 @@ class Kernel:
                         err=e.code,
                     ) from e
                 raise kernel_error(e.code, "resolve genl family netdev", _extack(e)) from e
-            self._netdev[netns] = sock
-        return sock
+        family, ops = _netdev_family
+        return sock, family, ops
+
+    def _genl(
+        self, netns: str | None, cmd: int, attrs: list[bytes], *, dump: bool = False
+    ) -> list[dict[int, bytes]]:
+        sock, family, _ = self._netdev(netns)
+        return nl.genl_request(sock, family, cmd, attrs, dump=dump, version=NETDEV_GENL_VERSION)
 
     # --- probing ----------------------------------------------------------
 
     def probe(self) -> KernelSupport:
         """What the running kernel offers for netkit queue leasing (creates nothing)."""
         try:
-            ops = self._genl(None).ops
+            _, _, ops = self._netdev(None)
             family = True
         except KernelUnsupported:
             ops, family = frozenset(), False
@@ -171,15 +223,20 @@ class Kernel:
         # a kernel that knows the kind rejects that attribute (EINVAL) while
         # parsing, before anything exists; one that does not answers
         # EOPNOTSUPP "Unknown device type".
-        linkinfo = {
-            "attrs": [
-                ("IFLA_INFO_KIND", "netkit"),
-                ("IFLA_INFO_DATA", {"attrs": [("IFLA_NETKIT_PRIMARY", 1)]}),
-            ]
-        }
+        linkinfo = nl.nla_nest(
+            IFLA_LINKINFO,
+            [
+                nl.nla_str(IFLA_INFO_KIND, "netkit"),
+                nl.nla_nest(IFLA_INFO_DATA, [nl.nla_u8(IFLA_NETKIT_PRIMARY, 1)]),
+            ],
+        )
         try:
             # Should the attribute ever be accepted, the invalid name still stops creation.
-            self._ipr(None).link("add", IFLA_IFNAME="/", IFLA_LINKINFO=linkinfo)
+            self._rt(None).request(
+                RTM_NEWLINK,
+                nl.NLM_F_CREATE | nl.NLM_F_EXCL,
+                _ifinfomsg(0) + nl.nla_str(IFLA_IFNAME, "/") + linkinfo,
+            )
         except NetlinkError as e:
             if e.code == errno.EOPNOTSUPP:
                 return False
@@ -199,10 +256,14 @@ class Kernel:
 
     def link(self, name_or_index: str | int, *, netns: str | None = None) -> Link | None:
         """The link with this name or index in ``netns``; None when there is none."""
-        key = "index" if isinstance(name_or_index, int) else "ifname"
+        if isinstance(name_or_index, int):
+            request = _ifinfomsg(name_or_index)
+        else:
+            request = _ifinfomsg(0) + nl.nla_str(IFLA_IFNAME, name_or_index)
+        request += nl.nla_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
         try:
             with _netlink(f"get link {name_or_index}{_in(netns)}"):
-                (msg,) = self._ipr(netns).link("get", **{key: name_or_index})
+                (msg,) = self._rt(netns).request(RTM_GETLINK, 0, request)
         except KernelError as e:
             if e.err == errno.ENODEV:
                 return None
@@ -212,33 +273,46 @@ class Kernel:
     def links(self, *, netns: str | None = None, kind: str | None = None) -> list[Link]:
         """Every link in ``netns`` (of ``kind`` only, when given)."""
         with _netlink(f"dump links{_in(netns)}"):
-            found = [_link(msg) for msg in self._ipr(netns).link("dump")]
+            found = [
+                _link(msg)
+                for msg in self._rt(netns).request(
+                    RTM_GETLINK,
+                    nl.NLM_F_DUMP,
+                    _ifinfomsg(0) + nl.nla_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS),
+                )
+            ]
         return [lk for lk in found if kind is None or lk.kind == kind]
 
     def create_netkit(self, spec: NetkitSpec) -> Link:
         """Create the device (and its peer); returns the link in ``spec.netns``."""
-        data: list[tuple[str, Any]] = [
-            ("IFLA_NETKIT_PAIRING", _PAIRINGS[spec.pairing]),
-            ("IFLA_NETKIT_MODE", _MODES[spec.mode]),
-            ("IFLA_NETKIT_POLICY", _POLICIES[spec.policy]),
+        data = [
+            nl.nla_u32(IFLA_NETKIT_PAIRING, _PAIRINGS[spec.pairing]),
+            nl.nla_u32(IFLA_NETKIT_MODE, _MODES[spec.mode]),
+            nl.nla_u32(IFLA_NETKIT_POLICY, _POLICIES[spec.policy]),
         ]
         with ExitStack() as stack:
             if spec.pairing == "pair":
                 # single mode refuses any peer attribute, even a default one
-                data.append(("IFLA_NETKIT_PEER_POLICY", _POLICIES[spec.peer_policy]))
+                data.append(nl.nla_u32(IFLA_NETKIT_PEER_POLICY, _POLICIES[spec.peer_policy]))
             if spec.peer is not None:
                 peer = _ifla(spec.peer.name, spec.peer.mac, spec.peer.mtu, spec.peer.num_rx_queues)
                 if spec.peer.netns is not None:
                     nsfd = ns.open_netns(spec.peer.netns)
                     stack.callback(os.close, nsfd)
-                    peer.append(("IFLA_NET_NS_FD", nsfd))
-                data.append(("IFLA_NETKIT_PEER_INFO", {"attrs": peer}))
+                    peer.append(nl.nla_u32(IFLA_NET_NS_FD, nsfd))
+                # struct ifinfomsg + IFLA_* of the peer, like veth's VETH_INFO_PEER
+                data.append(nl.nla(IFLA_NETKIT_PEER_INFO, _ifinfomsg(0) + b"".join(peer)))
+            linkinfo = nl.nla_nest(
+                IFLA_LINKINFO,
+                [nl.nla_str(IFLA_INFO_KIND, "netkit"), nl.nla_nest(IFLA_INFO_DATA, data)],
+            )
             attrs = _ifla(spec.name, spec.mac, spec.mtu, spec.num_rx_queues)
-            linkinfo = {
-                "attrs": [("IFLA_INFO_KIND", "netkit"), ("IFLA_INFO_DATA", {"attrs": data})]
-            }
             with _netlink(f"create netkit {spec.name}{_in(spec.netns)}"):
-                self._ipr(spec.netns).link("add", IFLA_LINKINFO=linkinfo, **dict(attrs))
+                self._rt(spec.netns).request(
+                    RTM_NEWLINK,
+                    nl.NLM_F_CREATE | nl.NLM_F_EXCL,
+                    _ifinfomsg(0) + linkinfo + b"".join(attrs),
+                )
         created = self.link(spec.name, netns=spec.netns)
         if created is None:
             raise KernelError(f"netkit {spec.name}{_in(spec.netns)} missing right after creation")
@@ -271,21 +345,30 @@ class Kernel:
         name: str | None = None,
     ) -> None:
         """Change what is given (admin state, MAC, MTU, alias, name) of link ``index``."""
-        change: dict[str, Any] = {}
+        what: list[str] = []
+        attrs: list[bytes] = []
+        flags = change = 0
         if up is not None:
-            change.update(flags=IFF_UP if up else 0, change=IFF_UP)
-        for nla, value in (
-            ("IFLA_ADDRESS", mac),
-            ("IFLA_MTU", mtu),
-            ("IFLA_IFALIAS", alias),
-            ("IFLA_IFNAME", name),
-        ):
-            if value is not None:
-                change[nla] = value
-        if not change:
+            flags, change = (IFF_UP if up else 0), IFF_UP
+            what += ["flags", "change"]
+        if mac is not None:
+            attrs.append(nl.nla(IFLA_ADDRESS, _mac_bytes(mac)))
+            what.append("IFLA_ADDRESS")
+        if mtu is not None:
+            attrs.append(nl.nla_u32(IFLA_MTU, mtu))
+            what.append("IFLA_MTU")
+        if alias is not None:
+            attrs.append(nl.nla_str(IFLA_IFALIAS, alias))
+            what.append("IFLA_IFALIAS")
+        if name is not None:
+            attrs.append(nl.nla_str(IFLA_IFNAME, name))
+            what.append("IFLA_IFNAME")
+        if not what:
             return
-        with _netlink(f"set link {index}{_in(netns)} ({', '.join(change)})"):
-            self._ipr(netns).link("set", index=index, **change)
+        with _netlink(f"set link {index}{_in(netns)} ({', '.join(what)})"):
+            self._rt(netns).request(
+                RTM_NEWLINK, 0, _ifinfomsg(index, flags, change) + b"".join(attrs)
+            )
 
     def move_link(
         self, index: int, *, target_netns: str, netns: str | None = None, name: str | None = None
@@ -293,11 +376,11 @@ class Kernel:
         """Move link ``index`` from ``netns`` into ``target_netns`` (renaming it to ``name``)."""
         nsfd = ns.open_netns(target_netns)
         try:
-            change: dict[str, Any] = {"IFLA_NET_NS_FD": nsfd}
+            attrs = [nl.nla_u32(IFLA_NET_NS_FD, nsfd)]
             if name is not None:
-                change["IFLA_IFNAME"] = name
+                attrs.append(nl.nla_str(IFLA_IFNAME, name))
             with _netlink(f"move link {index}{_in(netns)} to netns {target_netns}"):
-                self._ipr(netns).link("set", index=index, **change)
+                self._rt(netns).request(RTM_NEWLINK, 0, _ifinfomsg(index) + b"".join(attrs))
         finally:
             os.close(nsfd)
 
@@ -305,7 +388,7 @@ class Kernel:
         """Delete; False when it was already gone (not an error)."""
         try:
             with _netlink(f"delete link {index}{_in(netns)}"):
-                self._ipr(netns).link("del", index=index)
+                self._rt(netns).request(RTM_DELLINK, 0, _ifinfomsg(index))
         except KernelError as e:
             if e.err == errno.ENODEV:
                 return False
@@ -317,14 +400,13 @@ class Kernel:
         iface = ipaddress.ip_interface(cidr)
         family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
         try:
+            # struct ifaddrmsg: family, prefixlen, flags, scope (universe), index
+            request = struct.pack("=BBBBI", family, iface.network.prefixlen, 0, 0, index)
+            request += nl.nla(IFA_ADDRESS, iface.ip.packed)
+            if iface.version == 4:
+                request += nl.nla(IFA_LOCAL, iface.ip.packed)  # what `ip addr add` sends too
             with _netlink(f"add address {cidr} to link {index}{_in(netns)}"):
-                self._ipr(netns).addr(
-                    "add",
-                    index=index,
-                    address=str(iface.ip),
-                    prefixlen=iface.network.prefixlen,
-                    family=family,
-                )
+                self._rt(netns).request(RTM_NEWADDR, nl.NLM_F_CREATE | nl.NLM_F_EXCL, request)
         except KernelError as e:
             if e.err != errno.EEXIST:
                 raise
@@ -340,19 +422,18 @@ class Kernel:
     ) -> None:
         """Add a route (``0.0.0.0/0``, ``10.1.0.0/16``) out of ``oif``; EEXIST is not an error."""
         net = ipaddress.ip_network(dst)
-        route: dict[str, Any] = {
-            "dst": str(net.network_address),
-            "dst_len": net.prefixlen,
-            "family": socket.AF_INET if net.version == 4 else socket.AF_INET6,
-            "oif": oif,
-        }
+        family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+        # struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
+        request = struct.pack(
+            "=BBBBBBBBI", family, net.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC,
+            RT_SCOPE_LINK if scope_link else RT_SCOPE_UNIVERSE, RTN_UNICAST, 0,
+        )
+        request += nl.nla(RTA_DST, net.network_address.packed) + nl.nla_u32(RTA_OIF, oif)
         if gateway is not None:
-            route["gateway"] = gateway
-        if scope_link:
-            route["scope"] = RT_SCOPE_LINK
+            request += nl.nla(RTA_GATEWAY, ipaddress.ip_address(gateway).packed)
         try:
             with _netlink(f"add route {dst} via {gateway or 'link'} dev {oif}{_in(netns)}"):
-                self._ipr(netns).route("add", **route)
+                self._rt(netns).request(RTM_NEWROUTE, nl.NLM_F_CREATE | nl.NLM_F_EXCL, request)
         except KernelError as e:
             if e.err != errno.EEXIST:
                 raise
@@ -364,7 +445,7 @@ class Kernel:
         nsfd = ns.open_netns(target or _OWN_NETNS)
         try:
             with _netlink(f"get nsid of netns {target or 'of this process'}{_in(netns)}"):
-                return ns.get_nsid(self._ipr(netns), nsfd)
+                return ns.get_nsid(self._rt(netns), nsfd)
         finally:
             os.close(nsfd)
 
@@ -373,7 +454,7 @@ class Kernel:
         nsfd = ns.open_netns(target or _OWN_NETNS)
         try:
             with _netlink(f"assign nsid to netns {target or 'of this process'}{_in(netns)}"):
-                return ns.ensure_nsid(self._ipr(netns), nsfd)
+                return ns.ensure_nsid(self._rt(netns), nsfd)
         finally:
             os.close(nsfd)
 
@@ -382,12 +463,14 @@ class Kernel:
     def dev_get(self, ifindex: int, *, netns: str | None = None) -> DevInfo:
         """``dev-get`` of device ``ifindex`` in ``netns``."""
         with _netlink(f"dev-get ifindex {ifindex}{_in(netns)}"):
-            (msg,) = self._genl(netns).dev_get(ifindex)
+            (msg,) = self._genl(
+                netns, NETDEV_CMD_DEV_GET, [nl.nla_u32(NETDEV_A_DEV_IFINDEX, ifindex)]
+            )
         return DevInfo(
-            ifindex=msg.get_attr("NETDEV_A_DEV_IFINDEX"),
-            xdp_features=flag_names(msg.get_attr("NETDEV_A_DEV_XDP_FEATURES") or 0, XDP_ACT),
-            xdp_zc_max_segs=msg.get_attr("NETDEV_A_DEV_XDP_ZC_MAX_SEGS"),
-            xsk_features=flag_names(msg.get_attr("NETDEV_A_DEV_XSK_FEATURES") or 0, XSK_FLAGS),
+            ifindex=cast(int, nl.u32(msg.get(NETDEV_A_DEV_IFINDEX))),
+            xdp_features=flag_names(nl.u64(msg.get(NETDEV_A_DEV_XDP_FEATURES)) or 0, XDP_ACT),
+            xdp_zc_max_segs=nl.u32(msg.get(NETDEV_A_DEV_XDP_ZC_MAX_SEGS)),
+            xsk_features=flag_names(nl.u64(msg.get(NETDEV_A_DEV_XSK_FEATURES)) or 0, XSK_FLAGS),
         )
 
     def queue_get(
@@ -395,14 +478,27 @@ class Kernel:
     ) -> Queue:
         """``queue-get`` of one queue (ENOENT, i.e. ``NotFound``, while the device is down)."""
         with _netlink(f"queue-get ifindex {ifindex} {type} queue {queue_id}{_in(netns)}"):
-            (msg,) = self._genl(netns).queue_get(ifindex, queue_id, _QUEUE_TYPES[type])
+            (msg,) = self._genl(
+                netns,
+                NETDEV_CMD_QUEUE_GET,
+                [
+                    nl.nla_u32(NETDEV_A_QUEUE_IFINDEX, ifindex),
+                    nl.nla_u32(NETDEV_A_QUEUE_TYPE, _QUEUE_TYPES[type]),
+                    nl.nla_u32(NETDEV_A_QUEUE_ID, queue_id),
+                ],
+            )
         return _queue(msg)
 
     def queues(self, ifindex: int | None = None, *, netns: str | None = None) -> list[Queue]:
         """``queue-get`` dump (all devices in the netns, or one device's queues)."""
         where = f" ifindex {ifindex}" if ifindex is not None else ""
         with _netlink(f"queue-get dump{where}{_in(netns)}"):
-            return [_queue(msg) for msg in self._genl(netns).queue_dump(ifindex)]
+            # the kernel filters the dump by NETDEV_A_QUEUE_IFINDEX
+            attrs = [] if ifindex is None else [nl.nla_u32(NETDEV_A_QUEUE_IFINDEX, ifindex)]
+            return [
+                _queue(msg)
+                for msg in self._genl(netns, NETDEV_CMD_QUEUE_GET, attrs, dump=True)
+            ]
 
     def queue_create(
         self,
@@ -423,101 +519,135 @@ class Kernel:
         if lessor_netns_id is not None:
             lessor += f" of netns-id {lessor_netns_id}"
         what = f"queue-create on ifindex {ifindex}{_in(netns)} leasing {lessor}"
-        sock = self._genl(netns)
-        if NETDEV_CMD_QUEUE_CREATE not in sock.ops:
+        _, _, ops = self._netdev(netns)
+        if NETDEV_CMD_QUEUE_CREATE not in ops:
             raise KernelUnsupported(
                 f"{what}: the running kernel ({os.uname().release}) has no queue-create op",
                 "netkit queue leasing needs Linux >= 7.0",
                 err=errno.EOPNOTSUPP,
             )
         with _netlink(what):
-            (msg,) = sock.queue_create(
-                ifindex, _QUEUE_TYPES["rx"], lessor_ifindex, lessor_queue, lessor_netns_id
+            rx = _QUEUE_TYPES["rx"]
+            lease = [
+                nl.nla_u32(NETDEV_A_LEASE_IFINDEX, lessor_ifindex),
+                nl.nla_nest(
+                    NETDEV_A_LEASE_QUEUE,
+                    [
+                        nl.nla_u32(NETDEV_A_QUEUE_ID, lessor_queue),
+                        nl.nla_u32(NETDEV_A_QUEUE_TYPE, rx),
+                    ],
+                    flag=True,  # netdev's policies are strict: a nest must say it is one
+                ),
+            ]
+            if lessor_netns_id is not None:
+                lease.append(nl.nla_s32(NETDEV_A_LEASE_NETNS_ID, lessor_netns_id))
+            (msg,) = self._genl(
+                netns,
+                NETDEV_CMD_QUEUE_CREATE,
+                [
+                    nl.nla_u32(NETDEV_A_QUEUE_IFINDEX, ifindex),
+                    nl.nla_u32(NETDEV_A_QUEUE_TYPE, rx),
+                    nl.nla_nest(NETDEV_A_QUEUE_LEASE, lease, flag=True),
+                ],
             )
-        return cast(int, msg.get_attr("NETDEV_A_QUEUE_ID"))
+        return cast(int, nl.u32(msg.get(NETDEV_A_QUEUE_ID)))
 
 
 # --- decoding ---------------------------------------------------------------
 
 
-def _ifla(
-    name: str, mac: str | None, mtu: int | None, num_rx_queues: int | None
-) -> list[tuple[str, Any]]:
+def _ifinfomsg(index: int, flags: int = 0, change: int = 0) -> bytes:
+    """struct ifinfomsg (AF_UNSPEC)."""
+    return _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change)
+
+
+def _mac_bytes(mac: str) -> bytes:
+    return bytes(int(part, 16) for part in mac.split(":"))
+
+
+def _ifla(name: str, mac: str | None, mtu: int | None, num_rx_queues: int | None) -> list[bytes]:
     """The IFLA_* a new link (or a netkit peer) is created with."""
-    attrs: list[tuple[str, Any]] = [("IFLA_IFNAME", name)]
-    for nla, value in (
-        ("IFLA_ADDRESS", mac),
-        ("IFLA_MTU", mtu),
-        ("IFLA_NUM_RX_QUEUES", num_rx_queues),
-    ):
-        if value is not None:
-            attrs.append((nla, value))
+    attrs = [nl.nla_str(IFLA_IFNAME, name)]
+    if mac is not None:
+        attrs.append(nl.nla(IFLA_ADDRESS, _mac_bytes(mac)))
+    if mtu is not None:
+        attrs.append(nl.nla_u32(IFLA_MTU, mtu))
+    if num_rx_queues is not None:
+        attrs.append(nl.nla_u32(IFLA_NUM_RX_QUEUES, num_rx_queues))
     return attrs
 
 
-def _link(msg: Any) -> Link:
-    linkinfo = msg.get_attr("IFLA_LINKINFO")
-    kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
-    info = None
-    if kind == "netkit":
-        info = _netkit_info(linkinfo.get_attr("IFLA_INFO_DATA"))
+def _link(msg: bytes) -> Link:
+    """A Link from an RTM_NEWLINK answer (struct ifinfomsg + IFLA_*)."""
+    _, _, index, flags, _ = _IFINFOMSG.unpack_from(msg)
+    a = nl.parse_attrs(msg, _IFINFOMSG.size)
+    kind = info = None
+    linkinfo = a.get(IFLA_LINKINFO)
+    if linkinfo is not None:
+        li = nl.parse_attrs(linkinfo)
+        kind = nl.string(li.get(IFLA_INFO_KIND))
+        if kind == "netkit":
+            info = _netkit_info(nl.parse_attrs(li.get(IFLA_INFO_DATA, b"")))
+    address = a.get(IFLA_ADDRESS)
     return Link(
-        index=msg["index"],
-        name=msg.get_attr("IFLA_IFNAME"),
+        index=index,
+        name=cast(str, nl.string(a.get(IFLA_IFNAME))),
         kind=kind,
-        mac=msg.get_attr("IFLA_ADDRESS"),
-        mtu=msg.get_attr("IFLA_MTU"),
-        up=bool(msg["flags"] & IFF_UP),
-        alias=msg.get_attr("IFLA_IFALIAS"),
-        num_rx_queues=msg.get_attr("IFLA_NUM_RX_QUEUES"),
-        num_tx_queues=msg.get_attr("IFLA_NUM_TX_QUEUES"),
+        mac=None if address is None else ":".join(f"{b:02x}" for b in address),
+        mtu=cast(int, nl.u32(a.get(IFLA_MTU))),
+        up=bool(flags & IFF_UP),
+        alias=nl.string(a.get(IFLA_IFALIAS)),
+        num_rx_queues=cast(int, nl.u32(a.get(IFLA_NUM_RX_QUEUES))),
+        num_tx_queues=cast(int, nl.u32(a.get(IFLA_NUM_TX_QUEUES))),
         netkit=info,
-        link_netnsid=msg.get_attr("IFLA_LINK_NETNSID"),
-        parent_dev=msg.get_attr("IFLA_PARENT_DEV_NAME"),
-        parent_bus=msg.get_attr("IFLA_PARENT_DEV_BUS_NAME"),
+        link_netnsid=nl.s32(a.get(IFLA_LINK_NETNSID)),
+        parent_dev=nl.string(a.get(IFLA_PARENT_DEV_NAME)),
+        parent_bus=nl.string(a.get(IFLA_PARENT_DEV_BUS_NAME)),
     )
 
 
-def _netkit_info(data: Any) -> NetkitInfo:
+def _netkit_info(data: dict[int, bytes]) -> NetkitInfo:
     nk = netkit_kind.netkit
 
-    def name(names: Any, nla: str) -> Any:
-        value = data.get_attr(nla)
+    def name(names: Any, attr: int) -> Any:
+        value = nl.u32(data.get(attr))
         # a value newer than this code stays visible rather than failing a whole dump
         return None if value is None else names.get(value, str(value))
 
     return NetkitInfo(
         # PAIRING is 7.0+: older netkits are all pairs
-        pairing=name(nk.pairings, "IFLA_NETKIT_PAIRING") or "pair",
-        mode=name(nk.modes, "IFLA_NETKIT_MODE"),
-        policy=name(nk.policies, "IFLA_NETKIT_POLICY"),
-        peer_policy=name(nk.policies, "IFLA_NETKIT_PEER_POLICY"),
-        primary=bool(data.get_attr("IFLA_NETKIT_PRIMARY")),
-        scrub=name(nk.scrubs, "IFLA_NETKIT_SCRUB"),
-        peer_scrub=name(nk.scrubs, "IFLA_NETKIT_PEER_SCRUB"),
-        headroom=data.get_attr("IFLA_NETKIT_HEADROOM"),
-        tailroom=data.get_attr("IFLA_NETKIT_TAILROOM"),
+        pairing=name(nk.pairings, IFLA_NETKIT_PAIRING) or "pair",
+        mode=name(nk.modes, IFLA_NETKIT_MODE),
+        policy=name(nk.policies, IFLA_NETKIT_POLICY),
+        peer_policy=name(nk.policies, IFLA_NETKIT_PEER_POLICY),
+        primary=bool(nl.u8(data.get(IFLA_NETKIT_PRIMARY))),
+        scrub=name(nk.scrubs, IFLA_NETKIT_SCRUB),
+        peer_scrub=name(nk.scrubs, IFLA_NETKIT_PEER_SCRUB),
+        headroom=nl.u16(data.get(IFLA_NETKIT_HEADROOM)),
+        tailroom=nl.u16(data.get(IFLA_NETKIT_TAILROOM)),
     )
 
 
-def _queue(msg: Any) -> Queue:
-    lease = msg.get_attr("NETDEV_A_QUEUE_LEASE")
+def _queue(msg: dict[int, bytes]) -> Queue:
+    """A Queue from the attributes of a queue-get answer."""
+    lease = msg.get(NETDEV_A_QUEUE_LEASE)
     leased = None
     if lease is not None:
-        queue = lease.get_attr("NETDEV_A_LEASE_QUEUE")
+        la = nl.parse_attrs(lease)
+        queue = nl.parse_attrs(la.get(NETDEV_A_LEASE_QUEUE, b""))
         leased = QueueLease(
-            ifindex=lease.get_attr("NETDEV_A_LEASE_IFINDEX"),
-            queue_id=queue.get_attr("NETDEV_A_QUEUE_ID"),
-            queue_type=_QUEUE_TYPE_NAMES[queue.get_attr("NETDEV_A_QUEUE_TYPE")],
-            netns_id=lease.get_attr("NETDEV_A_LEASE_NETNS_ID"),
+            ifindex=cast(int, nl.u32(la.get(NETDEV_A_LEASE_IFINDEX))),
+            queue_id=cast(int, nl.u32(queue.get(NETDEV_A_QUEUE_ID))),
+            queue_type=_QUEUE_TYPE_NAMES[cast(int, nl.u32(queue.get(NETDEV_A_QUEUE_TYPE)))],
+            netns_id=nl.s32(la.get(NETDEV_A_LEASE_NETNS_ID)),
         )
     return Queue(
-        ifindex=msg.get_attr("NETDEV_A_QUEUE_IFINDEX"),
-        id=msg.get_attr("NETDEV_A_QUEUE_ID"),
-        type=_QUEUE_TYPE_NAMES[msg.get_attr("NETDEV_A_QUEUE_TYPE")],
-        napi_id=msg.get_attr("NETDEV_A_QUEUE_NAPI_ID"),
+        ifindex=cast(int, nl.u32(msg.get(NETDEV_A_QUEUE_IFINDEX))),
+        id=cast(int, nl.u32(msg.get(NETDEV_A_QUEUE_ID))),
+        type=_QUEUE_TYPE_NAMES[cast(int, nl.u32(msg.get(NETDEV_A_QUEUE_TYPE)))],
+        napi_id=nl.u32(msg.get(NETDEV_A_QUEUE_NAPI_ID)),
         lease=leased,
-        xsk=msg.get_attr("NETDEV_A_QUEUE_XSK") is not None,
-        dmabuf=msg.get_attr("NETDEV_A_QUEUE_DMABUF"),
-        io_uring=msg.get_attr("NETDEV_A_QUEUE_IO_URING") is not None,
+        xsk=NETDEV_A_QUEUE_XSK in msg,
+        dmabuf=nl.u32(msg.get(NETDEV_A_QUEUE_DMABUF)),
+        io_uring=NETDEV_A_QUEUE_IO_URING in msg,
     )

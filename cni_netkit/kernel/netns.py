@@ -7,8 +7,8 @@ leaves a mount behind).  Nothing here ever creates a netns, and nothing
 short-lived thread that moves only itself (a netns is per thread, and a
 socket stays in the netns it was made in for life).
 
-The nsid helpers take an ``IPRoute`` bound to the netns the nsid is seen
-from; nsids are per pair of namespaces.
+The nsid helpers take a ``rawnl.NetlinkSocket`` (NETLINK_ROUTE) made in the
+netns the nsid is seen from; nsids are per pair of namespaces.
 """
 
 from __future__ import annotations
@@ -27,8 +27,14 @@ from cni_netkit.errors import InvalidNetns
 CLONE_NEWNET = 0x40000000
 # include/uapi/linux/nsfs.h: _IO(0xb7, 0x3); only nsfs files answer it
 NS_GET_NSTYPE = 0xB703
-# NETNSA_NSID_NOT_ASSIGNED (-1), as pyroute2 0.9.7 decodes NETNSA_NSID: unsigned
+# NETNSA_NSID_NOT_ASSIGNED (-1), read as the u32 it is sent as
 _NSID_NOT_ASSIGNED = 0xFFFFFFFF
+# include/uapi/linux/rtnetlink.h, net_namespace.h
+RTM_NEWNSID = 88
+RTM_GETNSID = 90
+NETNSA_NSID = 1
+NETNSA_FD = 3
+_RTGENMSG = bytes(4)  # struct rtgenmsg (AF_UNSPEC), padded to 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -88,6 +94,16 @@ def is_netns(path: str) -> bool:
 
 def socket_in(nsfd: int, family: int, type: int, proto: int = 0) -> socket.socket:
     """A socket living in the netns ``nsfd`` refers to, made without moving this thread."""
+    (made,) = sockets_in(nsfd, [(family, type, proto)])
+    return made
+
+
+def sockets_in(nsfd: int, specs: list[tuple[int, int, int]]) -> list[socket.socket]:
+    """Sockets (family, type, proto) living in the netns ``nsfd``: one thread trip for all.
+
+    A thread is the costly part (milliseconds under emulation), so a caller
+    that will need several sockets there asks for them at once.
+    """
     made: list[socket.socket] = []
     failed: list[BaseException] = []
 
@@ -97,7 +113,8 @@ def socket_in(nsfd: int, family: int, type: int, proto: int = 0) -> socket.socke
             if _libc.setns(nsfd, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"setns: {os.strerror(err)}")
-            made.append(socket.socket(family, type, proto))
+            for family, type_, proto in specs:
+                made.append(socket.socket(family, type_, proto))
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             failed.append(e)
 
@@ -105,34 +122,45 @@ def socket_in(nsfd: int, family: int, type: int, proto: int = 0) -> socket.socke
     thread.start()
     thread.join()
     if failed:
+        for sock in made:
+            sock.close()
         raise failed[0]
-    return made[0]
+    return made
 
 
-def get_nsid(ipr: Any, nsfd: int) -> int | None:
-    """The nsid of netns ``nsfd`` as seen from ``ipr``'s netns; None if unassigned."""
-    reply = ipr.get_netnsid(fd=nsfd)
-    nsid = None if reply is None else reply.get("nsid")
+def get_nsid(sock: Any, nsfd: int) -> int | None:
+    """The nsid of netns ``nsfd`` as seen from ``sock``'s netns (a ``rawnl.NetlinkSocket``).
+
+    None if unassigned.
+    """
+    from cni_netkit.kernel import rawnl  # noqa: PLC0415 - pyroute2 errors: loaded lazily
+
+    (reply,) = sock.request(RTM_GETNSID, 0, _RTGENMSG + rawnl.nla_u32(NETNSA_FD, nsfd))
+    nsid = rawnl.u32(rawnl.parse_attrs(reply, len(_RTGENMSG)).get(NETNSA_NSID))
     if nsid is None or nsid == _NSID_NOT_ASSIGNED:
         return None
-    return int(nsid)
+    return nsid
 
 
-def ensure_nsid(ipr: Any, nsfd: int) -> int:
+def ensure_nsid(sock: Any, nsfd: int) -> int:
     """Like ``get_nsid`` but has the kernel assign one (RTM_NEWNSID) when unassigned."""
-    nsid = get_nsid(ipr, nsfd)
+    nsid = get_nsid(sock, nsfd)
     if nsid is not None:
         return nsid
     # pyroute2 loads lazily here so that check_netns() stays cheap to import
     from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
 
+    from cni_netkit.kernel import rawnl  # noqa: PLC0415
+
     try:
-        ipr.set_netnsid(fd=nsfd)
+        # NETNSA_NSID -1: the kernel picks one
+        sock.request(RTM_NEWNSID, 0, _RTGENMSG + rawnl.nla_u32(NETNSA_NSID, _NSID_NOT_ASSIGNED)
+                     + rawnl.nla_u32(NETNSA_FD, nsfd))
     except NetlinkError as e:
         # EEXIST: someone else assigned one since we looked; use theirs
         if e.code != errno.EEXIST:
             raise
-    nsid = get_nsid(ipr, nsfd)
+    nsid = get_nsid(sock, nsfd)
     if nsid is None:
         raise OSError(errno.ENOENT, "the kernel assigned no nsid")
     return nsid

@@ -17,7 +17,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from cni_netkit.errors import KernelUnsupported, QueueBusy
-from cni_netkit.kernel import Kernel, NetkitInfo, Queue, QueueLease
+from cni_netkit.kernel import Kernel, NetkitInfo, Queue, QueueLease, api
 from cni_netkit.kernel.api import _extack, _link, _netlink, _queue
 from cni_netkit.kernel.netdev import (
     NETDEV_CMD_QUEUE_CREATE,
@@ -26,6 +26,7 @@ from cni_netkit.kernel.netdev import (
     flag_names,
     netdev_queue_msg,
 )
+from cni_netkit.kernel.rawnl import parse_attrs
 
 
 def nlas(data: bytes, offset: int = 0) -> list[tuple[int, bytes]]:
@@ -54,6 +55,11 @@ def netkit_link(data: list[tuple[str, Any]], **attrs: Any) -> Any:
     parsed = ifinfmsg(msg.data)
     parsed.decode()
     return parsed
+
+
+def body(msg: Any) -> bytes:
+    """What the kernel layer decodes: the message without its nlmsghdr."""
+    return bytes(msg.data[16:])
 
 
 def test_netkit_attributes_have_the_uapi_ids() -> None:
@@ -115,7 +121,7 @@ def test_netkit_link_decodes_into_link_and_netkit_info() -> None:
         IFLA_LINK_NETNSID=3,
     )
 
-    link = _link(msg)
+    link = _link(body(msg))
 
     assert (link.index, link.name, link.kind, link.mtu, link.up) == (7, "nk0", "netkit", 1400, True)
     assert (link.alias, link.num_rx_queues, link.num_tx_queues) == ("owner", 5, 1)
@@ -128,20 +134,19 @@ def test_netkit_link_decodes_into_link_and_netkit_info() -> None:
 
 def test_a_netkit_without_pairing_attribute_is_a_pair() -> None:
     # kernels before 7.0 have no IFLA_NETKIT_PAIRING: every netkit was a pair then
-    info = _link(netkit_link([("IFLA_NETKIT_MODE", 1)])).netkit
+    info = _link(body(netkit_link([("IFLA_NETKIT_MODE", 1)]))).netkit
     assert info is not None
     assert (info.pairing, info.mode, info.primary) == ("pair", "l3", False)
 
 
-def queue_reply(attrs: list[tuple[str, Any]]) -> Any:
+def queue_reply(attrs: list[tuple[str, Any]]) -> dict[int, bytes]:
+    """A queue-get answer encoded by pyroute2, parsed as the kernel layer parses it."""
     msg = netdev_queue_msg()
     msg["cmd"] = NETDEV_CMD_QUEUE_GET
     msg["version"] = 1
     msg["attrs"] = attrs
     msg.encode()
-    parsed = netdev_queue_msg(msg.data)
-    parsed.decode()
-    return parsed
+    return parse_attrs(bytes(msg.data), 20)  # nlmsghdr 16 + genlmsghdr 4
 
 
 def lease_nest(netns_id: int | None) -> tuple[str, Any]:
@@ -154,20 +159,42 @@ def lease_nest(netns_id: int | None) -> tuple[str, Any]:
     return ("NETDEV_A_QUEUE_LEASE", {"attrs": attrs})
 
 
-def test_queue_create_request_nests_say_they_are_nests() -> None:
-    # netdev's genl policies are strict: a nest without NLA_F_NESTED is EINVAL
-    msg = netdev_queue_msg()
-    msg["cmd"] = NETDEV_CMD_QUEUE_CREATE
-    msg["version"] = 1
-    msg["attrs"] = [("NETDEV_A_QUEUE_IFINDEX", 4), lease_nest(0)]
-    msg.encode()
+class RecordingSocket:
+    """Stands in for a ``rawnl.NetlinkSocket``: records requests, answers ``answers``."""
 
-    top = nlas(msg.data, 20)  # nlmsghdr 16 + genlmsghdr 4
+    def __init__(self, answers: list[bytes] | None = None) -> None:
+        self.sent: list[tuple[int, int, bytes]] = []
+        self.answers = answers or []
+
+    def request(self, msg_type: int, flags: int, payload: bytes) -> list[bytes]:
+        self.sent.append((msg_type, flags, payload))
+        return self.answers
+
+    def close(self) -> None:
+        pass
+
+
+def test_queue_create_request_nests_say_they_are_nests(monkeypatch: pytest.MonkeyPatch) -> None:
+    # netdev's genl policies are strict: a nest without NLA_F_NESTED is EINVAL
+    monkeypatch.setattr(api, "_netdev_family", (0x1D, frozenset({NETDEV_CMD_QUEUE_CREATE})))
+    answer = struct.pack("BBH", NETDEV_CMD_QUEUE_CREATE, 1, 0) + struct.pack("HHI", 8, 1, 3)
+    sock = RecordingSocket([answer])
+    kernel = Kernel()
+    kernel._raw[(None, 16)] = sock  # type: ignore[assignment]  # NETLINK_GENERIC
+
+    assert kernel.queue_create(4, lessor_ifindex=9, lessor_queue=1, lessor_netns_id=0) == 3
+
+    ((family, flags, payload),) = sock.sent
+    assert (family, flags) == (0x1D, 0)
+    assert payload[:2] == bytes([NETDEV_CMD_QUEUE_CREATE, 1])
+    top = nlas(payload, 4)  # genlmsghdr 4
     assert top[0] == (2, struct.pack("I", 4))
-    lease_type, lease = top[1]
+    assert top[1] == (3, struct.pack("I", 0))  # rx
+    lease_type, lease = top[2]
     assert lease_type == 8 | NLA_F_NESTED
     inner = nlas(lease)
     assert [t for t, _ in inner] == [1, 2 | NLA_F_NESTED, 3]
+    assert inner[0][1] == struct.pack("I", 9)
     assert inner[2][1] == struct.pack("i", 0)
     assert nlas(inner[1][1]) == [(1, struct.pack("I", 1)), (3, struct.pack("I", 0))]
 
@@ -233,24 +260,18 @@ def test_an_error_without_extack_has_empty_details() -> None:
     assert _extack(NetlinkError(errno.EINVAL, "Lease device is a virtual device")) != ""
 
 
-class NetdevWithoutQueueCreate:
-    """A netdev family socket of a 6.x kernel: queue-get, no queue-create."""
-
-    ops = frozenset({1, NETDEV_CMD_QUEUE_GET})
-
-    def queue_create(self, *args: Any) -> Any:
-        raise AssertionError("queue-create must not be sent to a kernel without it")
-
-    def close(self) -> None:
-        pass
-
-
-def test_queue_create_on_a_kernel_without_the_op_is_unsupported() -> None:
+def test_queue_create_on_a_kernel_without_the_op_is_unsupported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the netdev family of a 6.x kernel: queue-get, no queue-create
+    monkeypatch.setattr(api, "_netdev_family", (0x1D, frozenset({1, NETDEV_CMD_QUEUE_GET})))
+    sock = RecordingSocket()
     kernel = Kernel()
-    kernel._netdev[None] = NetdevWithoutQueueCreate()  # type: ignore[assignment]
+    kernel._raw[(None, 16)] = sock  # type: ignore[assignment]  # NETLINK_GENERIC
 
     with pytest.raises(KernelUnsupported, match="no queue-create op") as e:
         kernel.queue_create(5, lessor_ifindex=2, lessor_queue=1)
 
     assert "7.0" in e.value.details
+    assert sock.sent == []  # queue-create must not be sent to a kernel without it
     kernel.close()
