@@ -74,6 +74,10 @@ static char *input;          /* stdin as read */
 static size_t input_len;
 static int input_ok;         /* 0: stdin unreadable or a terminal: leave fd 0 to the plugin */
 static char why[1024];       /* the reason of the last failure */
+/* SIGPIPE is ignored while we run (a closed stderr must not kill us before the
+ * fallback; a closed stdout means exit 1, as for the Python client) and put
+ * back as inherited for the plugin. */
+static struct sigaction inherited_sigpipe, ignore_sigpipe = {.sa_handler = SIG_IGN};
 
 static void reason(const char *fmt, ...)
 {
@@ -164,24 +168,27 @@ static void note(const char *text)
 
 /* ------------------------------------------------------------------ stdin ---- */
 
-static void read_stdin(void)
+/* 0: read (or none to read); -1: unreadable, the plugin must read fd 0 itself and report it. */
+static int read_stdin(void)
 {
     input = malloc(MAX_STDIN);
     if (!input || isatty(0))
-        return; /* a terminal is a person, not a runtime: the plugin sees no config either */
+        return 0; /* a terminal is a person, not a runtime: the plugin sees no config either */
     while (input_len < MAX_STDIN) {
         ssize_t n = read(0, input + input_len, MAX_STDIN - input_len);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             input_len = 0;
-            return; /* unreadable: the plugin reads fd 0 itself and reports it */
+            /* no fd 0 at all is no stdin (Python's sys.stdin is None): relayed as empty */
+            return errno == EBADF ? 0 : -1;
         }
         if (n == 0)
             break;
         input_len += (size_t)n;
     }
     input_ok = 1;
+    return 0;
 }
 
 /* ----------------------------------------------------------- the plugin ---- */
@@ -239,7 +246,9 @@ static void __attribute__((noreturn)) run_plugin(const char *lost)
     }
     env[j] = NULL;
     char *argv[] = {(char *)exe, NULL};
+    sigaction(SIGPIPE, &inherited_sigpipe, NULL); /* the plugin starts as we were started */
     execve(exe, argv, env);
+    sigaction(SIGPIPE, &ignore_sigpipe, NULL);
     snprintf(problem, sizeof problem, "cannot execute %s: %s", exe, strerror(errno));
     goto fail;
 nomem:
@@ -640,8 +649,7 @@ static int answer(int fd)
         return CLOSED;
     }
     close(fd);
-    signal(SIGPIPE, SIG_IGN); /* a runtime that stopped reading: exit 1, as the client does */
-    if (write_all(1, text, len) < 0)
+    if (write_all(1, text, len) < 0) /* a runtime that stopped reading: exit 1, as the client does */
         _exit(1);
     _exit((int)(get_u32(status) & 0xff));
 }
@@ -660,7 +668,9 @@ int main(void)
     static const char *const redo_if_closed[] = {"DEL", "GC", "CHECK", "STATUS", "VERSION", NULL};
     static const char *const redo_if_silent[] = {"CHECK", "STATUS", "VERSION", NULL};
 
-    read_stdin();
+    sigaction(SIGPIPE, &ignore_sigpipe, &inherited_sigpipe);
+    if (read_stdin() < 0)
+        run_plugin(NULL);
     const char *off = getenv("CNI_NETKIT_NO_AGENT");
     if (off && (!strcasecmp(off, "1") || !strcasecmp(off, "true") || !strcasecmp(off, "yes")))
         run_plugin(NULL);

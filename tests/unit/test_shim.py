@@ -515,3 +515,51 @@ def test_build_script_makes_a_working_shim(tmp_path: Path, plugin: Path) -> None
     assert exe.stat().st_mtime_ns == first  # idempotent: nothing rebuilt
     env = {**ENV, client.SOCKET_ENV: str(tmp_path / "absent.sock")}
     assert run(exe, env, plugin=plugin).fell_back
+
+
+# --- broken standard streams ---------------------------------------------------------------------
+
+
+def test_a_closed_stderr_does_not_stop_the_fallback(
+    shim: Path, plugin: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.close()  # a note is due: written into a pipe nobody reads
+    err_r, err_w = os.pipe()
+    os.close(err_r)
+    try:
+        p = subprocess.run([str(shim)], input=STDIN, stdout=subprocess.PIPE, stderr=err_w,
+                           env={**ENV, client.SOCKET_ENV: str(path),
+                                "CNI_NETKIT_PLUGIN_EXE": str(plugin)}, timeout=60, check=False)
+    finally:
+        os.close(err_w)
+    assert p.returncode == 7
+    assert json.loads(p.stdout)["plugin"]
+
+
+def test_a_runtime_that_stops_reading_gets_exit_status_1(
+    shim: Path, plugin: Path, fake_agent: Any
+) -> None:
+    agent = fake_agent(answer(b"x" * (1 << 20)))
+    out_r, out_w = os.pipe()
+    os.close(out_r)
+    try:
+        p = subprocess.run([str(shim)], input=STDIN, stdout=out_w, stderr=subprocess.PIPE,
+                           env={**agent.env(), "CNI_NETKIT_PLUGIN_EXE": str(plugin)},
+                           timeout=60, check=False)
+    finally:
+        os.close(out_w)
+    assert p.returncode == 1  # not killed by SIGPIPE
+
+
+def test_no_stdin_at_all_is_relayed_as_an_empty_one(
+    shim: Path, plugin: Path, fake_agent: Any
+) -> None:
+    agent = fake_agent(answer(b"ok"))
+    p = subprocess.run(["/bin/sh", "-c", 'exec "$0" <&-', str(shim)], stdout=subprocess.PIPE,
+                       env={**agent.env(), "CNI_NETKIT_PLUGIN_EXE": str(plugin)}, timeout=60,
+                       check=False)
+    assert (p.returncode, p.stdout) == (0, b"ok")
+    assert agent.requests[0][2] == b""
