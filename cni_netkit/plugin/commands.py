@@ -87,7 +87,7 @@ def add(inv: Invocation, kernel: KernelAPI) -> Result:
         # A down master lists no queues: without this, ADD would call its pool exhausted.
         raise TryAgainLater(f"master {cfg.master} is down",
                             "its queues can be read and leased once it is up again")
-    store = StateStore(cfg.state_dir)
+    store = StateStore(cfg.state_dir, check_dirs_once=True)  # this request's store
     att = Attachment(
         container_id=owner.container_id,
         ifname=ifname,

@@ -104,3 +104,22 @@ def test_records_are_written_and_read_never_through_a_symlink(tmp_path: Path) ->
     with pytest.raises(OSError, match="Too many levels of symbolic links"):
         store.load(owner)
     assert list(store) == []
+
+
+@pytest.mark.parametrize("once", [False, True])
+def test_a_store_rechecks_its_dirs_on_each_save_unless_it_serves_one_request(
+    tmp_path: Path, once: bool
+) -> None:
+    state = tmp_path / "state"
+    store = StateStore(state, check_dirs_once=once)
+    store.save(attachment(Owner("afxdp", "c1", "net1")))
+    (state / "attachments").chmod(0o777)  # after the first save: the request already checked
+
+    if once:
+        store.save(attachment(Owner("afxdp", "c1", "net1")))
+    else:
+        with pytest.raises(IOFailure, match="writable by group or others"):
+            store.save(attachment(Owner("afxdp", "c1", "net1")))
+    # a new store (the next request) checks again
+    with pytest.raises(IOFailure, match="writable by group or others"):
+        StateStore(state, check_dirs_once=True).save(attachment(Owner("afxdp", "c2", "net1")))
