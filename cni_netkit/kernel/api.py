@@ -5,8 +5,8 @@ Everything netlink stops here: callers get the frozen dataclasses of
 raised ``from`` pyroute2's ``NetlinkError`` and carrying the kernel's extack
 text in ``details``.  Requests are framed by ``rawnl`` (pyroute2's request
 machinery cost 6-30 ms per request in the test VM, against well under one);
-pyroute2 still supplies the error type and the netkit / netdev attribute
-classes that document the wire format (``netkit``, ``netdev``).
+pyroute2 still supplies the error type; its netkit / netdev attribute classes
+(``netkit``, ``netdev``) are no longer loaded here.
 
 A ``Kernel`` keeps one rtnetlink and one generic netlink socket per netns
 path it touches, made together by ``netns.sockets_in`` (never by pyroute2's
@@ -28,15 +28,27 @@ from contextlib import ExitStack, contextmanager
 from types import TracebackType
 from typing import Any, cast
 
-from pyroute2.netlink import NETLINK_GENERIC, NETLINK_ROUTE
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP
 
 from cni_netkit.errors import KernelError, KernelUnsupported, kernel_error
-from cni_netkit.kernel import netkit as netkit_kind
 from cni_netkit.kernel import netns as ns
 from cni_netkit.kernel import rawnl as nl
-from cni_netkit.kernel.netdev import (
+from cni_netkit.kernel.netdev_ids import (
+    NETDEV_A_DEV_IFINDEX,
+    NETDEV_A_DEV_XDP_FEATURES,
+    NETDEV_A_DEV_XDP_ZC_MAX_SEGS,
+    NETDEV_A_DEV_XSK_FEATURES,
+    NETDEV_A_LEASE_IFINDEX,
+    NETDEV_A_LEASE_NETNS_ID,
+    NETDEV_A_LEASE_QUEUE,
+    NETDEV_A_QUEUE_DMABUF,
+    NETDEV_A_QUEUE_ID,
+    NETDEV_A_QUEUE_IFINDEX,
+    NETDEV_A_QUEUE_IO_URING,
+    NETDEV_A_QUEUE_LEASE,
+    NETDEV_A_QUEUE_NAPI_ID,
+    NETDEV_A_QUEUE_TYPE,
+    NETDEV_A_QUEUE_XSK,
     NETDEV_CMD_DEV_GET,
     NETDEV_CMD_QUEUE_CREATE,
     NETDEV_CMD_QUEUE_GET,
@@ -60,8 +72,6 @@ from cni_netkit.kernel.types import (
     QueueType,
 )
 
-netkit_kind.register()
-
 _QUEUE_TYPES: dict[QueueType, int] = {"rx": 0, "tx": 1}
 _QUEUE_TYPE_NAMES: dict[int, QueueType] = {v: k for k, v in _QUEUE_TYPES.items()}
 _POLICIES: dict[NetkitPolicy, int] = {"forward": 0, "blackhole": 2}
@@ -81,12 +91,13 @@ IFLA_NETKIT_PEER_POLICY, IFLA_NETKIT_MODE, IFLA_NETKIT_SCRUB, IFLA_NETKIT_PEER_S
 IFLA_NETKIT_HEADROOM, IFLA_NETKIT_TAILROOM, IFLA_NETKIT_PAIRING = 8, 9, 10
 # IFLA_EXT_MASK: no statistics in link answers (nothing here reads them)
 RTEXT_FILTER_SKIP_STATS = 1 << 3
-NETDEV_A_DEV_IFINDEX, NETDEV_A_DEV_XDP_FEATURES, NETDEV_A_DEV_XDP_ZC_MAX_SEGS = 1, 3, 4
-NETDEV_A_DEV_XSK_FEATURES = 6
-NETDEV_A_QUEUE_ID, NETDEV_A_QUEUE_IFINDEX, NETDEV_A_QUEUE_TYPE = 1, 2, 3
-NETDEV_A_QUEUE_NAPI_ID, NETDEV_A_QUEUE_DMABUF, NETDEV_A_QUEUE_IO_URING = 4, 5, 6
-NETDEV_A_QUEUE_XSK, NETDEV_A_QUEUE_LEASE = 7, 8
-NETDEV_A_LEASE_IFINDEX, NETDEV_A_LEASE_QUEUE, NETDEV_A_LEASE_NETNS_ID = 1, 2, 3
+IFF_UP = 0x1
+NETLINK_ROUTE, NETLINK_GENERIC = 0, 16  # include/uapi/linux/netlink.h
+# IFLA_NETKIT_* values -> rt-link.yaml names (as netkit.py's pyroute2 class has them)
+_NK_POLICIES = {0: "forward", 2: "blackhole"}
+_NK_MODES = {0: "l2", 1: "l3"}
+_NK_SCRUBS = {0: "none", 1: "default"}
+_NK_PAIRINGS = {0: "pair", 1: "single"}
 RTM_NEWADDR, RTM_NEWROUTE = 20, 24
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
@@ -607,8 +618,6 @@ def _link(msg: bytes) -> Link:
 
 
 def _netkit_info(data: dict[int, bytes]) -> NetkitInfo:
-    nk = netkit_kind.netkit
-
     def name(names: Any, attr: int) -> Any:
         value = nl.u32(data.get(attr))
         # a value newer than this code stays visible rather than failing a whole dump
@@ -616,13 +625,13 @@ def _netkit_info(data: dict[int, bytes]) -> NetkitInfo:
 
     return NetkitInfo(
         # PAIRING is 7.0+: older netkits are all pairs
-        pairing=name(nk.pairings, IFLA_NETKIT_PAIRING) or "pair",
-        mode=name(nk.modes, IFLA_NETKIT_MODE),
-        policy=name(nk.policies, IFLA_NETKIT_POLICY),
-        peer_policy=name(nk.policies, IFLA_NETKIT_PEER_POLICY),
+        pairing=name(_NK_PAIRINGS, IFLA_NETKIT_PAIRING) or "pair",
+        mode=name(_NK_MODES, IFLA_NETKIT_MODE),
+        policy=name(_NK_POLICIES, IFLA_NETKIT_POLICY),
+        peer_policy=name(_NK_POLICIES, IFLA_NETKIT_PEER_POLICY),
         primary=bool(nl.u8(data.get(IFLA_NETKIT_PRIMARY))),
-        scrub=name(nk.scrubs, IFLA_NETKIT_SCRUB),
-        peer_scrub=name(nk.scrubs, IFLA_NETKIT_PEER_SCRUB),
+        scrub=name(_NK_SCRUBS, IFLA_NETKIT_SCRUB),
+        peer_scrub=name(_NK_SCRUBS, IFLA_NETKIT_PEER_SCRUB),
         headroom=nl.u16(data.get(IFLA_NETKIT_HEADROOM)),
         tailroom=nl.u16(data.get(IFLA_NETKIT_TAILROOM)),
     )

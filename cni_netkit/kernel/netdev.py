@@ -20,41 +20,49 @@ from typing import Any
 from pyroute2.netlink import NLA_F_NESTED, NLM_F_DUMP, NLM_F_REQUEST, genlmsg, nla
 from pyroute2.netlink.generic import AsyncGenericNetlinkSocket, GenericNetlinkSocket
 
-NETDEV_GENL_NAME = 'netdev'
-NETDEV_GENL_VERSION = 1
-
-NETDEV_CMD_DEV_GET = 1
-NETDEV_CMD_QUEUE_GET = 10
-NETDEV_CMD_NAPI_GET = 11
-NETDEV_CMD_QSTATS_GET = 12
-NETDEV_CMD_BIND_RX = 13
-NETDEV_CMD_NAPI_SET = 14
-NETDEV_CMD_BIND_TX = 15
-NETDEV_CMD_QUEUE_CREATE = 16
-
-NETDEV_QUEUE_TYPE_RX = 0
-NETDEV_QUEUE_TYPE_TX = 1
-
-# enum flags xdp-act / xsk-flags: bit -> name, in spec order
-XDP_ACT = (
-    'basic',
-    'redirect',
-    'ndo-xmit',
-    'xsk-zerocopy',
-    'hw-offload',
-    'rx-sg',
-    'ndo-xmit-sg',
+# ids, names and flag decoding live in a pyroute2-free module (``api`` needs
+# only them); re-exported here for users of this family module
+from cni_netkit.kernel.netdev_ids import (
+    NETDEV_CMD_BIND_RX,
+    NETDEV_CMD_BIND_TX,
+    NETDEV_CMD_DEV_GET,
+    NETDEV_CMD_NAPI_GET,
+    NETDEV_CMD_NAPI_SET,
+    NETDEV_CMD_QSTATS_GET,
+    NETDEV_CMD_QUEUE_CREATE,
+    NETDEV_CMD_QUEUE_GET,
+    NETDEV_GENL_NAME,
+    NETDEV_GENL_VERSION,
+    NETDEV_QUEUE_TYPE_RX,
+    NETDEV_QUEUE_TYPE_TX,
+    XDP_ACT,
+    XSK_FLAGS,
+    flag_names,
 )
-XSK_FLAGS = ('tx-timestamp', 'tx-checksum', 'tx-launch-time-fifo')
 
-
-def flag_names(value: int, names: tuple[str, ...]) -> frozenset[str]:
-    """Decode a spec 'flags' bitmask; bits the spec (as known here) lacks stay visible."""
-    return frozenset(
-        names[bit] if bit < len(names) else f'bit{bit}'
-        for bit in range(value.bit_length())
-        if value >> bit & 1
-    )
+__all__ = [
+    'NETDEV_CMD_BIND_RX',
+    'NETDEV_CMD_BIND_TX',
+    'NETDEV_CMD_DEV_GET',
+    'NETDEV_CMD_NAPI_GET',
+    'NETDEV_CMD_NAPI_SET',
+    'NETDEV_CMD_QSTATS_GET',
+    'NETDEV_CMD_QUEUE_CREATE',
+    'NETDEV_CMD_QUEUE_GET',
+    'NETDEV_GENL_NAME',
+    'NETDEV_GENL_VERSION',
+    'NETDEV_QUEUE_TYPE_RX',
+    'NETDEV_QUEUE_TYPE_TX',
+    'XDP_ACT',
+    'XSK_FLAGS',
+    'AsyncNetdevSocket',
+    'NetdevSocket',
+    'flag_names',
+    'lease',
+    'netdev_dev_msg',
+    'netdev_queue_msg',
+    'queue_id',
+]
 
 
 class netdev_dev_msg(genlmsg):  # type: ignore[misc]  # pyroute2 is untyped

@@ -17,7 +17,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from cni_netkit.errors import KernelUnsupported, QueueBusy
-from cni_netkit.kernel import Kernel, NetkitInfo, Queue, QueueLease, api
+from cni_netkit.kernel import Kernel, NetkitInfo, Queue, QueueLease, api, netkit
 from cni_netkit.kernel.api import _extack, _link, _netlink, _queue
 from cni_netkit.kernel.netdev import (
     NETDEV_CMD_QUEUE_CREATE,
@@ -38,6 +38,9 @@ def nlas(data: bytes, offset: int = 0) -> list[tuple[int, bytes]]:
         out.append((kind, data[offset + 4 : offset + length]))
         offset += (length + 3) & ~3
     return out
+
+
+netkit.register()  # pyroute2 encodes the netkit replies these tests decode
 
 
 def netkit_link(data: list[tuple[str, Any]], **attrs: Any) -> Any:
