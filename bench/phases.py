@@ -7,7 +7,8 @@ rounds 2.. repeat it in the same process, as the agent does for every
 request.  Marks are taken here, around the plugin's real functions (the lock,
 every kernel-seam call, the state store, IPAM delegation), so no timing code
 lives in the plugin itself.  ``--command STATUS`` does the same for STATUS
-(what a host without netkit can run).
+(what a host without netkit can run).  After each ADD round the DEL that
+undoes it is timed the same way (``del_rounds``).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def _instrument(commands: Any) -> None:
     commands.master_lock = timed_lock
     _wrap(commands.StateStore, "save", "state records")
     _wrap(commands.StateStore, "remove", "state records")
+    _wrap(commands.StateStore, "load", "state records")
     _wrap(commands.ipam, "delegate", "ipam exec")
     _wrap(commands.afxdp, "wire", "afxdp wire")
 
@@ -174,14 +176,15 @@ def main() -> int:
     env = {"CNI_CONTAINERID": "phases", "CNI_NETNS": args.netns, "CNI_IFNAME": "net1",
            "CNI_PATH": os.environ.get("CNI_NETKIT_CNI_PLUGINS", ""), "PATH": os.environ["PATH"],
            "CNI_NETKIT_STATE_DIRS": args.state_dir}
-    rounds = []
+    rounds, del_rounds = [], []
     for _ in range(args.repeat):
         rounds.append(_round(args.command, env, conf))
         if args.command == "ADD":
-            from cni_netkit.config import parse_invocation  # noqa: PLC0415
-
-            commands.run(parse_invocation({**env, "CNI_COMMAND": "DEL"}, conf))
-    json.dump({"command": args.command, "imports": imports, "rounds": rounds}, sys.stdout)
+            del_rounds.append(_round("DEL", env, conf))
+    out: dict[str, Any] = {"command": args.command, "imports": imports, "rounds": rounds}
+    if del_rounds:
+        out["del_rounds"] = del_rounds
+    json.dump(out, sys.stdout)
     return 0
 
 

@@ -273,6 +273,17 @@ def test_queue_dump_lists_rx_and_tx_queues_of_the_device(kernel: Kernel, nsim: N
     assert all(q.napi_id is not None for q in queues if q.type == "rx")
 
 
+def test_queue_dump_of_one_device_leaves_the_others_out(
+    kernel: Kernel, make_nsim: Callable[[int], Nsim]
+) -> None:
+    a, b = make_nsim(2), make_nsim(3)
+
+    # the kernel filters the dump by ifindex: ADD reads only its master's queues
+    assert {q.ifindex for q in kernel.queues(a.ifindex)} == {a.ifindex}
+    assert len(kernel.queues(b.ifindex)) == 2 * b.queues
+    assert {a.ifindex, b.ifindex} <= {q.ifindex for q in kernel.queues()}
+
+
 def test_probe_reports_queue_leasing(kernel: Kernel) -> None:
     support = kernel.probe()
 

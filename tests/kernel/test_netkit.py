@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cni_netkit.errors import NotSupported
+from cni_netkit.errors import AlreadyExists, InvalidRequest, NotSupported
 from cni_netkit.kernel import Kernel, NetkitInfo, NetkitSpec, PeerSpec
 
 pytestmark = pytest.mark.kernel
@@ -115,3 +119,62 @@ def test_delete_link_on_a_gone_device_returns_false(kernel: Kernel) -> None:
     assert kernel.delete_link(nk.index) is True
     assert kernel.link(nk.index) is None
     assert kernel.delete_link(nk.index) is False
+
+
+def test_a_name_taken_in_the_netns_is_eexist_and_leaves_the_first(
+    kernel: Kernel, make_netns: Callable[[], str], defer: Defer
+) -> None:
+    pod = make_netns()
+    first = kernel.create_netkit(NetkitSpec(name="nk0", netns=pod, alias="first"))
+    defer(kernel.delete_link, first.index, netns=pod)
+
+    with pytest.raises(AlreadyExists):
+        kernel.create_netkit(NetkitSpec(name="nk0", netns=pod, alias="second"))
+
+    assert kernel.link("nk0", netns=pod) == first
+
+
+def test_refusals_carry_the_kernels_reason(kernel: Kernel, defer: Defer) -> None:
+    nk = kernel.create_netkit(NetkitSpec(name="nk0"))
+    defer(kernel.delete_link, nk.index)
+
+    with pytest.raises(InvalidRequest) as e:
+        kernel.set_link(nk.index, mtu=10)
+
+    assert "mtu" in e.value.details.lower()  # the extack text, not strerror()
+
+
+def ip_json(pod: str, *args: str) -> Any:
+    out = subprocess.run(
+        ["ip", "-j", "-n", Path(pod).name, *args], check=True, capture_output=True, text=True
+    )
+    return json.loads(out.stdout)
+
+
+def test_addresses_and_routes_read_back_as_ip_route_adds_them(
+    kernel: Kernel, make_netns: Callable[[], str], defer: Defer
+) -> None:
+    pod = make_netns()
+    nk = kernel.create_netkit(NetkitSpec(name="nk0", netns=pod))
+    defer(kernel.delete_link, nk.index, netns=pod)
+    kernel.set_link(nk.index, netns=pod, up=True)
+
+    for _ in range(2):  # EEXIST on the second round is not an error
+        kernel.add_address(nk.index, "10.1.2.3/24", netns=pod)
+        kernel.add_address(nk.index, "fd00::5/64", netns=pod)
+        kernel.add_route("10.1.0.1/32", oif=nk.index, netns=pod, scope_link=True)
+        kernel.add_route("0.0.0.0/0", oif=nk.index, gateway="10.1.0.1", netns=pod)
+        kernel.add_route("10.9.0.0/16", oif=nk.index, gateway="10.1.0.1", netns=pod)
+
+    (dev,) = ip_json(pod, "addr", "show", "dev", "nk0")
+    addrs = {(a["local"], a["prefixlen"], a["scope"]) for a in dev["addr_info"]}
+    assert {("10.1.2.3", 24, "global"), ("fd00::5", 64, "global")} <= addrs
+    routes = {
+        (r["dst"], r.get("gateway"), r.get("scope"), r.get("protocol"))
+        for r in ip_json(pod, "-4", "route", "show")
+    }
+    assert {
+        ("10.1.0.1", None, "link", "static"),
+        ("default", "10.1.0.1", None, "static"),
+        ("10.9.0.0/16", "10.1.0.1", None, "static"),
+    } <= routes
