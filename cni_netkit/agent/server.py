@@ -75,6 +75,8 @@ DEFAULT_WORKERS = 4
 MAX_CONNECTIONS = 64
 # A connected client must deliver its request, and say go, within this.
 _REQUEST_TIMEOUT = 5.0
+# How long a refused client may take to hang up (it reads the refusal and closes).
+_REFUSE_DRAIN_TIMEOUT = 1.0
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # Settings the plugin reads from its process environment rather than from the
 # request (kernel.xsk's pin root): a request must agree with the agent's.
@@ -191,7 +193,8 @@ class Server:
                     )
                     self._connections.add(t)
             if full:
-                _refuse(conn, f"agent busy: {self._max_connections} connections")
+                # Not drained: the accept loop must not wait on one client.
+                _refuse(conn, f"agent busy: {self._max_connections} connections", drain=False)
                 conn.close()
                 continue
             t.start()
@@ -387,8 +390,9 @@ def warm_up() -> None:
         b' "queues": [0]}',
     )
     try:
-        with Kernel() as kernel:  # a read-only dump loads pyroute2's message classes
-            kernel.link("lo")
+        with Kernel() as kernel:
+            kernel.link("lo")  # loads the link message classes
+            kernel.probe()  # looks the netdev family up (cached for the process)
     except Exception as e:  # noqa: BLE001 - warming up is an optimisation, never a failure
         log.info("netlink warm-up skipped", error=str(e))
 
@@ -422,9 +426,28 @@ def _listen(path: Path) -> socket.socket:
     return sock
 
 
-def _refuse(conn: socket.socket, reason: str) -> None:
+def _refuse(conn: socket.socket, reason: str, *, drain: bool = True) -> None:
+    """Send the refusal; with ``drain``, wait (bounded) for the client to hang up.
+
+    A client may still be sending its request when an early refusal (its uid)
+    is written: closing at once would fail that send with EPIPE before the
+    client reads why, and it would fall back citing a broken pipe instead of
+    the reason.  Reading and discarding until the client closes keeps the
+    reason readable; the bounds keep a client that never hangs up from holding
+    the thread.
+    """
     with contextlib.suppress(OSError):  # the client left: it runs the command itself
         conn.sendall(client.REFUSED + client.frame(reason.encode()[:4096]))
+        if not drain:
+            return
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(_REFUSE_DRAIN_TIMEOUT)
+        left = client.MAX_ENV + client.MAX_META + client.MAX_STDIN + 64
+        while left > 0:
+            chunk = conn.recv(min(left, 1 << 16))
+            if not chunk:
+                break
+            left -= len(chunk)
 
 
 def _recv_block(conn: socket.socket, limit: int) -> bytes:
