@@ -3,10 +3,11 @@
 Everything netlink stops here: callers get the frozen dataclasses of
 ``types.py`` and the errors of ``cni_netkit.errors``, each kernel error
 raised ``from`` pyroute2's ``NetlinkError`` and carrying the kernel's extack
-text in ``details``.  Requests are framed by ``rawnl`` (pyroute2's request
-machinery cost 6-30 ms per request in the test VM, against well under one);
-pyroute2 still supplies the error type; its netkit / netdev attribute classes
-(``netkit``, ``netdev``) are no longer loaded here.
+text in ``details``.  Every message is built and decoded by pyroute2's
+message classes (``ifinfmsg`` with our ``netkit`` link kind, ``ifaddrmsg``,
+``rtmsg``, ``nsidmsg``, our ``netdev`` genl classes); they travel over
+``rawnl``'s small synchronous transport, because pyroute2 0.9's own
+synchronous sockets drive asyncio per request (see ``rawnl``).
 
 A ``Kernel`` keeps one rtnetlink and one generic netlink socket per netns
 path it touches, made together by ``netns.sockets_in`` (never by pyroute2's
@@ -22,33 +23,29 @@ import errno
 import ipaddress
 import os
 import socket
-import struct
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
+from pyroute2.netlink import NETLINK_GENERIC, NETLINK_ROUTE, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import (
+    RTM_DELLINK,
+    RTM_GETLINK,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTM_NEWROUTE,
+)
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
+from pyroute2.netlink.rtnl.rtmsg import RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, rtmsg
 
 from cni_netkit.errors import KernelError, KernelUnsupported, kernel_error
+from cni_netkit.kernel import netkit as netkit_kind
 from cni_netkit.kernel import netns as ns
 from cni_netkit.kernel import rawnl as nl
-from cni_netkit.kernel.netdev_ids import (
-    NETDEV_A_DEV_IFINDEX,
-    NETDEV_A_DEV_XDP_FEATURES,
-    NETDEV_A_DEV_XDP_ZC_MAX_SEGS,
-    NETDEV_A_DEV_XSK_FEATURES,
-    NETDEV_A_LEASE_IFINDEX,
-    NETDEV_A_LEASE_NETNS_ID,
-    NETDEV_A_LEASE_QUEUE,
-    NETDEV_A_QUEUE_DMABUF,
-    NETDEV_A_QUEUE_ID,
-    NETDEV_A_QUEUE_IFINDEX,
-    NETDEV_A_QUEUE_IO_URING,
-    NETDEV_A_QUEUE_LEASE,
-    NETDEV_A_QUEUE_NAPI_ID,
-    NETDEV_A_QUEUE_TYPE,
-    NETDEV_A_QUEUE_XSK,
+from cni_netkit.kernel.netdev import (
     NETDEV_CMD_DEV_GET,
     NETDEV_CMD_QUEUE_CREATE,
     NETDEV_CMD_QUEUE_GET,
@@ -57,6 +54,8 @@ from cni_netkit.kernel.netdev_ids import (
     XDP_ACT,
     XSK_FLAGS,
     flag_names,
+    netdev_dev_msg,
+    netdev_queue_msg,
 )
 from cni_netkit.kernel.types import (
     DevInfo,
@@ -72,6 +71,9 @@ from cni_netkit.kernel.types import (
     QueueType,
 )
 
+# ifinfmsg encodes and decodes IFLA_INFO_DATA of kind "netkit" through our class
+netkit_kind.register()
+
 _QUEUE_TYPES: dict[QueueType, int] = {"rx": 0, "tx": 1}
 _QUEUE_TYPE_NAMES: dict[int, QueueType] = {v: k for k, v in _QUEUE_TYPES.items()}
 _POLICIES: dict[NetkitPolicy, int] = {"forward": 0, "blackhole": 2}
@@ -79,32 +81,10 @@ _MODES: dict[NetkitMode, int] = {"l2": 0, "l3": 1}
 _PAIRINGS: dict[Pairing, int] = {"pair": 0, "single": 1}
 # The netns the calling process lives in, as a path for RTM_GETNSID's NETNSA_FD
 _OWN_NETNS = "/proc/self/ns/net"
-
-# include/uapi/linux/rtnetlink.h, if_link.h, netdev.h: what the hand-framed requests use
-RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS = 1, 3, 4, 18, 20
-IFLA_NET_NS_FD, IFLA_EXT_MASK, IFLA_NUM_TX_QUEUES, IFLA_NUM_RX_QUEUES = 28, 29, 31, 32
-IFLA_LINK_NETNSID, IFLA_PARENT_DEV_NAME, IFLA_PARENT_DEV_BUS_NAME = 37, 56, 57
-IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
-IFLA_NETKIT_PEER_INFO, IFLA_NETKIT_PRIMARY, IFLA_NETKIT_POLICY = 1, 2, 3
-IFLA_NETKIT_PEER_POLICY, IFLA_NETKIT_MODE, IFLA_NETKIT_SCRUB, IFLA_NETKIT_PEER_SCRUB = 4, 5, 6, 7
-IFLA_NETKIT_HEADROOM, IFLA_NETKIT_TAILROOM, IFLA_NETKIT_PAIRING = 8, 9, 10
 # IFLA_EXT_MASK: no statistics in link answers (nothing here reads them)
 RTEXT_FILTER_SKIP_STATS = 1 << 3
-IFF_UP = 0x1
-NETLINK_ROUTE, NETLINK_GENERIC = 0, 16  # include/uapi/linux/netlink.h
-# IFLA_NETKIT_* values -> rt-link.yaml names (as netkit.py's pyroute2 class has them)
-_NK_POLICIES = {0: "forward", 2: "blackhole"}
-_NK_MODES = {0: "l2", 1: "l3"}
-_NK_SCRUBS = {0: "none", 1: "default"}
-_NK_PAIRINGS = {0: "pair", 1: "single"}
-RTM_NEWADDR, RTM_NEWROUTE = 20, 24
-IFA_ADDRESS, IFA_LOCAL = 1, 2
-RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
 # what pyroute2 and `ip route add` default to: main table, "proto static", unicast
 RT_TABLE_MAIN, RTPROT_STATIC, RTN_UNICAST = 254, 4, 1
-RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
-_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 
 # The netdev family's id and ops: genl families are global, not per netns, and
 # live as long as the kernel (netdev is built in), so one lookup per process.
@@ -206,10 +186,12 @@ class Kernel:
         return sock, family, ops
 
     def _genl(
-        self, netns: str | None, cmd: int, attrs: list[bytes], *, dump: bool = False
-    ) -> list[dict[int, bytes]]:
+        self, netns: str | None, msg: Any, cmd: int, attrs: list[Any], *, dump: bool = False
+    ) -> list[Any]:
         sock, family, _ = self._netdev(netns)
-        return nl.genl_request(sock, family, cmd, attrs, dump=dump, version=NETDEV_GENL_VERSION)
+        return nl.genl_request(
+            sock, family, msg, cmd, attrs, dump=dump, version=NETDEV_GENL_VERSION
+        )
 
     # --- probing ----------------------------------------------------------
 
@@ -234,20 +216,14 @@ class Kernel:
         # a kernel that knows the kind rejects that attribute (EINVAL) while
         # parsing, before anything exists; one that does not answers
         # EOPNOTSUPP "Unknown device type".
-        linkinfo = nl.nla_nest(
-            IFLA_LINKINFO,
-            [
-                nl.nla_str(IFLA_INFO_KIND, "netkit"),
-                nl.nla_nest(IFLA_INFO_DATA, [nl.nla_u8(IFLA_NETKIT_PRIMARY, 1)]),
-            ],
+        msg = _ifinfmsg(
+            0,
+            ("IFLA_IFNAME", "/"),
+            ("IFLA_LINKINFO", _linkinfo([("IFLA_NETKIT_PRIMARY", 1)])),
         )
         try:
             # Should the attribute ever be accepted, the invalid name still stops creation.
-            self._rt(None).request(
-                RTM_NEWLINK,
-                nl.NLM_F_CREATE | nl.NLM_F_EXCL,
-                _ifinfomsg(0) + nl.nla_str(IFLA_IFNAME, "/") + linkinfo,
-            )
+            self._rt(None).request(msg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL)
         except NetlinkError as e:
             if e.code == errno.EOPNOTSUPP:
                 return False
@@ -267,63 +243,51 @@ class Kernel:
 
     def link(self, name_or_index: str | int, *, netns: str | None = None) -> Link | None:
         """The link with this name or index in ``netns``; None when there is none."""
+        skip_stats = ("IFLA_EXT_MASK", RTEXT_FILTER_SKIP_STATS)
         if isinstance(name_or_index, int):
-            request = _ifinfomsg(name_or_index)
+            msg = _ifinfmsg(name_or_index, skip_stats)
         else:
-            request = _ifinfomsg(0) + nl.nla_str(IFLA_IFNAME, name_or_index)
-        request += nl.nla_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
+            msg = _ifinfmsg(0, ("IFLA_IFNAME", name_or_index), skip_stats)
         try:
             with _netlink(f"get link {name_or_index}{_in(netns)}"):
-                (msg,) = self._rt(netns).request(RTM_GETLINK, 0, request)
+                (reply,) = self._rt(netns).request(msg, RTM_GETLINK)
         except KernelError as e:
             if e.err == errno.ENODEV:
                 return None
             raise
-        return _link(msg)
+        return _link(reply)
 
     def links(self, *, netns: str | None = None, kind: str | None = None) -> list[Link]:
         """Every link in ``netns`` (of ``kind`` only, when given)."""
+        msg = _ifinfmsg(0, ("IFLA_EXT_MASK", RTEXT_FILTER_SKIP_STATS))
         with _netlink(f"dump links{_in(netns)}"):
-            found = [
-                _link(msg)
-                for msg in self._rt(netns).request(
-                    RTM_GETLINK,
-                    nl.NLM_F_DUMP,
-                    _ifinfomsg(0) + nl.nla_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS),
-                )
-            ]
+            replies = self._rt(netns).request(msg, RTM_GETLINK, NLM_F_DUMP)
+        found = [_link(reply) for reply in replies]
         return [lk for lk in found if kind is None or lk.kind == kind]
 
     def create_netkit(self, spec: NetkitSpec) -> Link:
         """Create the device (and its peer); returns the link in ``spec.netns``."""
-        data = [
-            nl.nla_u32(IFLA_NETKIT_PAIRING, _PAIRINGS[spec.pairing]),
-            nl.nla_u32(IFLA_NETKIT_MODE, _MODES[spec.mode]),
-            nl.nla_u32(IFLA_NETKIT_POLICY, _POLICIES[spec.policy]),
+        data: list[tuple[str, Any]] = [
+            ("IFLA_NETKIT_PAIRING", _PAIRINGS[spec.pairing]),
+            ("IFLA_NETKIT_MODE", _MODES[spec.mode]),
+            ("IFLA_NETKIT_POLICY", _POLICIES[spec.policy]),
         ]
         with ExitStack() as stack:
             if spec.pairing == "pair":
                 # single mode refuses any peer attribute, even a default one
-                data.append(nl.nla_u32(IFLA_NETKIT_PEER_POLICY, _POLICIES[spec.peer_policy]))
+                data.append(("IFLA_NETKIT_PEER_POLICY", _POLICIES[spec.peer_policy]))
             if spec.peer is not None:
                 peer = _ifla(spec.peer.name, spec.peer.mac, spec.peer.mtu, spec.peer.num_rx_queues)
                 if spec.peer.netns is not None:
                     nsfd = ns.open_netns(spec.peer.netns)
                     stack.callback(os.close, nsfd)
-                    peer.append(nl.nla_u32(IFLA_NET_NS_FD, nsfd))
+                    peer.append(("IFLA_NET_NS_FD", nsfd))
                 # struct ifinfomsg + IFLA_* of the peer, like veth's VETH_INFO_PEER
-                data.append(nl.nla(IFLA_NETKIT_PEER_INFO, _ifinfomsg(0) + b"".join(peer)))
-            linkinfo = nl.nla_nest(
-                IFLA_LINKINFO,
-                [nl.nla_str(IFLA_INFO_KIND, "netkit"), nl.nla_nest(IFLA_INFO_DATA, data)],
-            )
+                data.append(("IFLA_NETKIT_PEER_INFO", {"attrs": peer}))
             attrs = _ifla(spec.name, spec.mac, spec.mtu, spec.num_rx_queues)
+            msg = _ifinfmsg(0, ("IFLA_LINKINFO", _linkinfo(data)), *attrs)
             with _netlink(f"create netkit {spec.name}{_in(spec.netns)}"):
-                self._rt(spec.netns).request(
-                    RTM_NEWLINK,
-                    nl.NLM_F_CREATE | nl.NLM_F_EXCL,
-                    _ifinfomsg(0) + linkinfo + b"".join(attrs),
-                )
+                self._rt(spec.netns).request(msg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL)
         created = self.link(spec.name, netns=spec.netns)
         if created is None:
             raise KernelError(f"netkit {spec.name}{_in(spec.netns)} missing right after creation")
@@ -357,29 +321,25 @@ class Kernel:
     ) -> None:
         """Change what is given (admin state, MAC, MTU, alias, name) of link ``index``."""
         what: list[str] = []
-        attrs: list[bytes] = []
+        attrs: list[tuple[str, Any]] = []
         flags = change = 0
         if up is not None:
             flags, change = (IFF_UP if up else 0), IFF_UP
             what += ["flags", "change"]
-        if mac is not None:
-            attrs.append(nl.nla(IFLA_ADDRESS, _mac_bytes(mac)))
-            what.append("IFLA_ADDRESS")
-        if mtu is not None:
-            attrs.append(nl.nla_u32(IFLA_MTU, mtu))
-            what.append("IFLA_MTU")
-        if alias is not None:
-            attrs.append(nl.nla_str(IFLA_IFALIAS, alias))
-            what.append("IFLA_IFALIAS")
-        if name is not None:
-            attrs.append(nl.nla_str(IFLA_IFNAME, name))
-            what.append("IFLA_IFNAME")
+        for nla, value in (
+            ("IFLA_ADDRESS", mac),
+            ("IFLA_MTU", mtu),
+            ("IFLA_IFALIAS", alias),
+            ("IFLA_IFNAME", name),
+        ):
+            if value is not None:
+                attrs.append((nla, value))
+                what.append(nla)
         if not what:
             return
+        msg = _ifinfmsg(index, *attrs, flags=flags, change=change)
         with _netlink(f"set link {index}{_in(netns)} ({', '.join(what)})"):
-            self._rt(netns).request(
-                RTM_NEWLINK, 0, _ifinfomsg(index, flags, change) + b"".join(attrs)
-            )
+            self._rt(netns).request(msg, RTM_NEWLINK)
 
     def move_link(
         self, index: int, *, target_netns: str, netns: str | None = None, name: str | None = None
@@ -387,11 +347,11 @@ class Kernel:
         """Move link ``index`` from ``netns`` into ``target_netns`` (renaming it to ``name``)."""
         nsfd = ns.open_netns(target_netns)
         try:
-            attrs = [nl.nla_u32(IFLA_NET_NS_FD, nsfd)]
+            attrs: list[tuple[str, Any]] = [("IFLA_NET_NS_FD", nsfd)]
             if name is not None:
-                attrs.append(nl.nla_str(IFLA_IFNAME, name))
+                attrs.append(("IFLA_IFNAME", name))
             with _netlink(f"move link {index}{_in(netns)} to netns {target_netns}"):
-                self._rt(netns).request(RTM_NEWLINK, 0, _ifinfomsg(index) + b"".join(attrs))
+                self._rt(netns).request(_ifinfmsg(index, *attrs), RTM_NEWLINK)
         finally:
             os.close(nsfd)
 
@@ -399,7 +359,7 @@ class Kernel:
         """Delete; False when it was already gone (not an error)."""
         try:
             with _netlink(f"delete link {index}{_in(netns)}"):
-                self._rt(netns).request(RTM_DELLINK, 0, _ifinfomsg(index))
+                self._rt(netns).request(_ifinfmsg(index), RTM_DELLINK)
         except KernelError as e:
             if e.err == errno.ENODEV:
                 return False
@@ -411,13 +371,16 @@ class Kernel:
         iface = ipaddress.ip_interface(cidr)
         family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
         try:
-            # struct ifaddrmsg: family, prefixlen, flags, scope (universe), index
-            request = struct.pack("=BBBBI", family, iface.network.prefixlen, 0, 0, index)
-            request += nl.nla(IFA_ADDRESS, iface.ip.packed)
+            msg = ifaddrmsg()
+            msg["family"] = family
+            msg["prefixlen"] = iface.network.prefixlen
+            msg["scope"] = RT_SCOPE_UNIVERSE
+            msg["index"] = index
+            msg["attrs"] = [("IFA_ADDRESS", str(iface.ip))]
             if iface.version == 4:
-                request += nl.nla(IFA_LOCAL, iface.ip.packed)  # what `ip addr add` sends too
+                msg["attrs"].append(("IFA_LOCAL", str(iface.ip)))  # what `ip addr add` sends too
             with _netlink(f"add address {cidr} to link {index}{_in(netns)}"):
-                self._rt(netns).request(RTM_NEWADDR, nl.NLM_F_CREATE | nl.NLM_F_EXCL, request)
+                self._rt(netns).request(msg, RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL)
         except KernelError as e:
             if e.err != errno.EEXIST:
                 raise
@@ -434,17 +397,19 @@ class Kernel:
         """Add a route (``0.0.0.0/0``, ``10.1.0.0/16``) out of ``oif``; EEXIST is not an error."""
         net = ipaddress.ip_network(dst)
         family = socket.AF_INET if net.version == 4 else socket.AF_INET6
-        # struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
-        request = struct.pack(
-            "=BBBBBBBBI", family, net.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC,
-            RT_SCOPE_LINK if scope_link else RT_SCOPE_UNIVERSE, RTN_UNICAST, 0,
-        )
-        request += nl.nla(RTA_DST, net.network_address.packed) + nl.nla_u32(RTA_OIF, oif)
+        msg = rtmsg()
+        msg["family"] = family
+        msg["dst_len"] = net.prefixlen
+        msg["table"] = RT_TABLE_MAIN
+        msg["proto"] = RTPROT_STATIC
+        msg["scope"] = RT_SCOPE_LINK if scope_link else RT_SCOPE_UNIVERSE
+        msg["type"] = RTN_UNICAST
+        msg["attrs"] = [("RTA_DST", str(net.network_address)), ("RTA_OIF", oif)]
         if gateway is not None:
-            request += nl.nla(RTA_GATEWAY, ipaddress.ip_address(gateway).packed)
+            msg["attrs"].append(("RTA_GATEWAY", gateway))
         try:
             with _netlink(f"add route {dst} via {gateway or 'link'} dev {oif}{_in(netns)}"):
-                self._rt(netns).request(RTM_NEWROUTE, nl.NLM_F_CREATE | nl.NLM_F_EXCL, request)
+                self._rt(netns).request(msg, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL)
         except KernelError as e:
             if e.err != errno.EEXIST:
                 raise
@@ -475,13 +440,13 @@ class Kernel:
         """``dev-get`` of device ``ifindex`` in ``netns``."""
         with _netlink(f"dev-get ifindex {ifindex}{_in(netns)}"):
             (msg,) = self._genl(
-                netns, NETDEV_CMD_DEV_GET, [nl.nla_u32(NETDEV_A_DEV_IFINDEX, ifindex)]
+                netns, netdev_dev_msg(), NETDEV_CMD_DEV_GET, [("NETDEV_A_DEV_IFINDEX", ifindex)]
             )
         return DevInfo(
-            ifindex=cast(int, nl.u32(msg.get(NETDEV_A_DEV_IFINDEX))),
-            xdp_features=flag_names(nl.u64(msg.get(NETDEV_A_DEV_XDP_FEATURES)) or 0, XDP_ACT),
-            xdp_zc_max_segs=nl.u32(msg.get(NETDEV_A_DEV_XDP_ZC_MAX_SEGS)),
-            xsk_features=flag_names(nl.u64(msg.get(NETDEV_A_DEV_XSK_FEATURES)) or 0, XSK_FLAGS),
+            ifindex=msg.get_attr("NETDEV_A_DEV_IFINDEX"),
+            xdp_features=flag_names(msg.get_attr("NETDEV_A_DEV_XDP_FEATURES") or 0, XDP_ACT),
+            xdp_zc_max_segs=msg.get_attr("NETDEV_A_DEV_XDP_ZC_MAX_SEGS"),
+            xsk_features=flag_names(msg.get_attr("NETDEV_A_DEV_XSK_FEATURES") or 0, XSK_FLAGS),
         )
 
     def queue_get(
@@ -491,11 +456,12 @@ class Kernel:
         with _netlink(f"queue-get ifindex {ifindex} {type} queue {queue_id}{_in(netns)}"):
             (msg,) = self._genl(
                 netns,
+                netdev_queue_msg(),
                 NETDEV_CMD_QUEUE_GET,
                 [
-                    nl.nla_u32(NETDEV_A_QUEUE_IFINDEX, ifindex),
-                    nl.nla_u32(NETDEV_A_QUEUE_TYPE, _QUEUE_TYPES[type]),
-                    nl.nla_u32(NETDEV_A_QUEUE_ID, queue_id),
+                    ("NETDEV_A_QUEUE_IFINDEX", ifindex),
+                    ("NETDEV_A_QUEUE_TYPE", _QUEUE_TYPES[type]),
+                    ("NETDEV_A_QUEUE_ID", queue_id),
                 ],
             )
         return _queue(msg)
@@ -505,10 +471,12 @@ class Kernel:
         where = f" ifindex {ifindex}" if ifindex is not None else ""
         with _netlink(f"queue-get dump{where}{_in(netns)}"):
             # the kernel filters the dump by NETDEV_A_QUEUE_IFINDEX
-            attrs = [] if ifindex is None else [nl.nla_u32(NETDEV_A_QUEUE_IFINDEX, ifindex)]
+            attrs = [] if ifindex is None else [("NETDEV_A_QUEUE_IFINDEX", ifindex)]
             return [
                 _queue(msg)
-                for msg in self._genl(netns, NETDEV_CMD_QUEUE_GET, attrs, dump=True)
+                for msg in self._genl(
+                    netns, netdev_queue_msg(), NETDEV_CMD_QUEUE_GET, attrs, dump=True
+                )
             ]
 
     def queue_create(
@@ -539,124 +507,156 @@ class Kernel:
             )
         with _netlink(what):
             rx = _QUEUE_TYPES["rx"]
-            lease = [
-                nl.nla_u32(NETDEV_A_LEASE_IFINDEX, lessor_ifindex),
-                nl.nla_nest(
-                    NETDEV_A_LEASE_QUEUE,
-                    [
-                        nl.nla_u32(NETDEV_A_QUEUE_ID, lessor_queue),
-                        nl.nla_u32(NETDEV_A_QUEUE_TYPE, rx),
-                    ],
-                    flag=True,  # netdev's policies are strict: a nest must say it is one
+            lease: list[tuple[str, Any]] = [
+                ("NETDEV_A_LEASE_IFINDEX", lessor_ifindex),
+                (
+                    "NETDEV_A_LEASE_QUEUE",
+                    {"attrs": [("NETDEV_A_QUEUE_ID", lessor_queue), ("NETDEV_A_QUEUE_TYPE", rx)]},
                 ),
             ]
             if lessor_netns_id is not None:
-                lease.append(nl.nla_s32(NETDEV_A_LEASE_NETNS_ID, lessor_netns_id))
+                lease.append(("NETDEV_A_LEASE_NETNS_ID", lessor_netns_id))
             (msg,) = self._genl(
                 netns,
+                netdev_queue_msg(),
                 NETDEV_CMD_QUEUE_CREATE,
                 [
-                    nl.nla_u32(NETDEV_A_QUEUE_IFINDEX, ifindex),
-                    nl.nla_u32(NETDEV_A_QUEUE_TYPE, rx),
-                    nl.nla_nest(NETDEV_A_QUEUE_LEASE, lease, flag=True),
+                    ("NETDEV_A_QUEUE_IFINDEX", ifindex),
+                    ("NETDEV_A_QUEUE_TYPE", rx),
+                    ("NETDEV_A_QUEUE_LEASE", {"attrs": lease}),
                 ],
             )
-        return cast(int, nl.u32(msg.get(NETDEV_A_QUEUE_ID)))
+        return int(msg.get_attr("NETDEV_A_QUEUE_ID"))
+
+
+# --- messages -------------------------------------------------------------
+
+
+def _ifinfmsg(index: int, *attrs: tuple[str, Any], flags: int = 0, change: int = 0) -> Any:
+    """An ifinfmsg (AF_UNSPEC) for link ``index`` (0: none) carrying ``attrs``."""
+    msg = ifinfmsg()
+    msg["family"] = socket.AF_UNSPEC
+    msg["index"] = index
+    msg["flags"] = flags
+    msg["change"] = change
+    msg["attrs"] = list(attrs)
+    return msg
+
+
+def _linkinfo(data: list[tuple[str, Any]]) -> dict[str, Any]:
+    """IFLA_LINKINFO of kind netkit; IFLA_INFO_DATA is encoded by our ``netkit`` class."""
+    return {"attrs": [("IFLA_INFO_KIND", "netkit"), ("IFLA_INFO_DATA", {"attrs": data})]}
+
+
+def _ifla(
+    name: str, mac: str | None, mtu: int | None, num_rx_queues: int | None
+) -> list[tuple[str, Any]]:
+    """The IFLA_* a new link (or a netkit peer) is created with."""
+    attrs: list[tuple[str, Any]] = [("IFLA_IFNAME", name)]
+    if mac is not None:
+        attrs.append(("IFLA_ADDRESS", mac))
+    if mtu is not None:
+        attrs.append(("IFLA_MTU", mtu))
+    if num_rx_queues is not None:
+        attrs.append(("IFLA_NUM_RX_QUEUES", num_rx_queues))
+    return attrs
 
 
 # --- decoding ---------------------------------------------------------------
 
 
-def _ifinfomsg(index: int, flags: int = 0, change: int = 0) -> bytes:
-    """struct ifinfomsg (AF_UNSPEC)."""
-    return _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change)
+def _attrs(msg: Any) -> dict[str, Any]:
+    """Name -> attribute slot of a decoded pyroute2 message, the first of a name winning.
+
+    What ``get_attr`` answers, in one pass: ``get_attr`` walks every
+    attribute for each name asked (a link answer has ~40), which under
+    emulation cost as much as decoding the message.  A slot's value is still
+    decoded by pyroute2, lazily, on ``.value``.
+    """
+    slots: dict[str, Any] = {}
+    for slot in reversed(msg["attrs"]):
+        slots[slot.name] = slot
+    return slots
 
 
-def _mac_bytes(mac: str) -> bytes:
-    return bytes(int(part, 16) for part in mac.split(":"))
+def _value(slots: dict[str, Any], name: str) -> Any:
+    slot = slots.get(name)
+    return None if slot is None else slot.value
 
 
-def _ifla(name: str, mac: str | None, mtu: int | None, num_rx_queues: int | None) -> list[bytes]:
-    """The IFLA_* a new link (or a netkit peer) is created with."""
-    attrs = [nl.nla_str(IFLA_IFNAME, name)]
-    if mac is not None:
-        attrs.append(nl.nla(IFLA_ADDRESS, _mac_bytes(mac)))
-    if mtu is not None:
-        attrs.append(nl.nla_u32(IFLA_MTU, mtu))
-    if num_rx_queues is not None:
-        attrs.append(nl.nla_u32(IFLA_NUM_RX_QUEUES, num_rx_queues))
-    return attrs
-
-
-def _link(msg: bytes) -> Link:
-    """A Link from an RTM_NEWLINK answer (struct ifinfomsg + IFLA_*)."""
-    _, _, index, flags, _ = _IFINFOMSG.unpack_from(msg)
-    a = nl.parse_attrs(msg, _IFINFOMSG.size)
+def _link(msg: Any) -> Link:
+    """A Link from a decoded RTM_NEWLINK answer (pyroute2's ``ifinfmsg``)."""
+    a = _attrs(msg)
+    linkinfo = _value(a, "IFLA_LINKINFO")
     kind = info = None
-    linkinfo = a.get(IFLA_LINKINFO)
     if linkinfo is not None:
-        li = nl.parse_attrs(linkinfo)
-        kind = nl.string(li.get(IFLA_INFO_KIND))
+        li = _attrs(linkinfo)
+        kind = _value(li, "IFLA_INFO_KIND")
         if kind == "netkit":
-            info = _netkit_info(nl.parse_attrs(li.get(IFLA_INFO_DATA, b"")))
-    address = a.get(IFLA_ADDRESS)
+            info = _netkit_info(_value(li, "IFLA_INFO_DATA"))
     return Link(
-        index=index,
-        name=cast(str, nl.string(a.get(IFLA_IFNAME))),
+        index=msg["index"],
+        name=_value(a, "IFLA_IFNAME"),
         kind=kind,
-        mac=None if address is None else ":".join(f"{b:02x}" for b in address),
-        mtu=cast(int, nl.u32(a.get(IFLA_MTU))),
-        up=bool(flags & IFF_UP),
-        alias=nl.string(a.get(IFLA_IFALIAS)),
-        num_rx_queues=cast(int, nl.u32(a.get(IFLA_NUM_RX_QUEUES))),
-        num_tx_queues=cast(int, nl.u32(a.get(IFLA_NUM_TX_QUEUES))),
+        mac=_value(a, "IFLA_ADDRESS"),
+        mtu=_value(a, "IFLA_MTU"),
+        up=bool(msg["flags"] & IFF_UP),
+        alias=_value(a, "IFLA_IFALIAS"),
+        num_rx_queues=_value(a, "IFLA_NUM_RX_QUEUES"),
+        num_tx_queues=_value(a, "IFLA_NUM_TX_QUEUES"),
         netkit=info,
-        link_netnsid=nl.s32(a.get(IFLA_LINK_NETNSID)),
-        parent_dev=nl.string(a.get(IFLA_PARENT_DEV_NAME)),
-        parent_bus=nl.string(a.get(IFLA_PARENT_DEV_BUS_NAME)),
+        link_netnsid=_value(a, "IFLA_LINK_NETNSID"),
+        parent_dev=_value(a, "IFLA_PARENT_DEV_NAME"),
+        parent_bus=_value(a, "IFLA_PARENT_DEV_BUS_NAME"),
     )
 
 
-def _netkit_info(data: dict[int, bytes]) -> NetkitInfo:
-    def name(names: Any, attr: int) -> Any:
-        value = nl.u32(data.get(attr))
+def _netkit_info(data: Any) -> NetkitInfo:
+    """NetkitInfo from IFLA_INFO_DATA as our ``netkit`` class decoded it."""
+    nk = netkit_kind.netkit
+    a = {} if data is None else _attrs(data)  # no IFLA_INFO_DATA: every field unknown
+
+    def name(names: Any, nla: str) -> Any:
+        value = _value(a, nla)
         # a value newer than this code stays visible rather than failing a whole dump
         return None if value is None else names.get(value, str(value))
 
     return NetkitInfo(
         # PAIRING is 7.0+: older netkits are all pairs
-        pairing=name(_NK_PAIRINGS, IFLA_NETKIT_PAIRING) or "pair",
-        mode=name(_NK_MODES, IFLA_NETKIT_MODE),
-        policy=name(_NK_POLICIES, IFLA_NETKIT_POLICY),
-        peer_policy=name(_NK_POLICIES, IFLA_NETKIT_PEER_POLICY),
-        primary=bool(nl.u8(data.get(IFLA_NETKIT_PRIMARY))),
-        scrub=name(_NK_SCRUBS, IFLA_NETKIT_SCRUB),
-        peer_scrub=name(_NK_SCRUBS, IFLA_NETKIT_PEER_SCRUB),
-        headroom=nl.u16(data.get(IFLA_NETKIT_HEADROOM)),
-        tailroom=nl.u16(data.get(IFLA_NETKIT_TAILROOM)),
+        pairing=name(nk.pairings, "IFLA_NETKIT_PAIRING") or "pair",
+        mode=name(nk.modes, "IFLA_NETKIT_MODE"),
+        policy=name(nk.policies, "IFLA_NETKIT_POLICY"),
+        peer_policy=name(nk.policies, "IFLA_NETKIT_PEER_POLICY"),
+        primary=bool(_value(a, "IFLA_NETKIT_PRIMARY")),
+        scrub=name(nk.scrubs, "IFLA_NETKIT_SCRUB"),
+        peer_scrub=name(nk.scrubs, "IFLA_NETKIT_PEER_SCRUB"),
+        headroom=_value(a, "IFLA_NETKIT_HEADROOM"),
+        tailroom=_value(a, "IFLA_NETKIT_TAILROOM"),
     )
 
 
-def _queue(msg: dict[int, bytes]) -> Queue:
-    """A Queue from the attributes of a queue-get answer."""
-    lease = msg.get(NETDEV_A_QUEUE_LEASE)
+def _queue(msg: Any) -> Queue:
+    """A Queue from a decoded queue-get answer (our ``netdev_queue_msg``)."""
+    a = _attrs(msg)
+    lease = _value(a, "NETDEV_A_QUEUE_LEASE")
     leased = None
     if lease is not None:
-        la = nl.parse_attrs(lease)
-        queue = nl.parse_attrs(la.get(NETDEV_A_LEASE_QUEUE, b""))
+        la = _attrs(lease)
+        queue = _attrs(_value(la, "NETDEV_A_LEASE_QUEUE"))
         leased = QueueLease(
-            ifindex=cast(int, nl.u32(la.get(NETDEV_A_LEASE_IFINDEX))),
-            queue_id=cast(int, nl.u32(queue.get(NETDEV_A_QUEUE_ID))),
-            queue_type=_QUEUE_TYPE_NAMES[cast(int, nl.u32(queue.get(NETDEV_A_QUEUE_TYPE)))],
-            netns_id=nl.s32(la.get(NETDEV_A_LEASE_NETNS_ID)),
+            ifindex=_value(la, "NETDEV_A_LEASE_IFINDEX"),
+            queue_id=_value(queue, "NETDEV_A_QUEUE_ID"),
+            queue_type=_QUEUE_TYPE_NAMES[_value(queue, "NETDEV_A_QUEUE_TYPE")],
+            netns_id=_value(la, "NETDEV_A_LEASE_NETNS_ID"),
         )
     return Queue(
-        ifindex=cast(int, nl.u32(msg.get(NETDEV_A_QUEUE_IFINDEX))),
-        id=cast(int, nl.u32(msg.get(NETDEV_A_QUEUE_ID))),
-        type=_QUEUE_TYPE_NAMES[cast(int, nl.u32(msg.get(NETDEV_A_QUEUE_TYPE)))],
-        napi_id=nl.u32(msg.get(NETDEV_A_QUEUE_NAPI_ID)),
+        ifindex=_value(a, "NETDEV_A_QUEUE_IFINDEX"),
+        id=_value(a, "NETDEV_A_QUEUE_ID"),
+        type=_QUEUE_TYPE_NAMES[_value(a, "NETDEV_A_QUEUE_TYPE")],
+        napi_id=_value(a, "NETDEV_A_QUEUE_NAPI_ID"),
         lease=leased,
-        xsk=NETDEV_A_QUEUE_XSK in msg,
-        dmabuf=nl.u32(msg.get(NETDEV_A_QUEUE_DMABUF)),
-        io_uring=NETDEV_A_QUEUE_IO_URING in msg,
+        # xsk-info and io-uring-provider-info are empty nests: presence is the news
+        xsk="NETDEV_A_QUEUE_XSK" in a,
+        dmabuf=_value(a, "NETDEV_A_QUEUE_DMABUF"),
+        io_uring="NETDEV_A_QUEUE_IO_URING" in a,
     )

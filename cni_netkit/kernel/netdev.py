@@ -7,6 +7,12 @@ synchronous wrapper.  Ids and names follow
 Documentation/netlink/specs/netdev.yaml and include/uapi/linux/netdev.h;
 method and argument names follow the spec's op and attribute names.
 
+The message classes live here; the sockets in ``netdev_socket`` (re-exported
+here on first use).  Upstream they would share one module, but pyroute2's
+generic netlink sockets import asyncio (a cold CNI command paid ~70 ms on a
+host for it, over a second in the test VM), while ``api`` needs only the
+message classes, which it sends over ``rawnl``'s synchronous transport.
+
 Errors are left as pyroute2's ``NetlinkError`` (code + extack text when the
 socket was opened with ``ext_ack=True``): translating them is the caller's
 business.  ``ops`` tells which ops the running kernel has, from the
@@ -17,28 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyroute2.netlink import NLA_F_NESTED, NLM_F_DUMP, NLM_F_REQUEST, genlmsg, nla
-from pyroute2.netlink.generic import AsyncGenericNetlinkSocket, GenericNetlinkSocket
-
-# ids, names and flag decoding live in a pyroute2-free module (``api`` needs
-# only them); re-exported here for users of this family module
-from cni_netkit.kernel.netdev_ids import (
-    NETDEV_CMD_BIND_RX,
-    NETDEV_CMD_BIND_TX,
-    NETDEV_CMD_DEV_GET,
-    NETDEV_CMD_NAPI_GET,
-    NETDEV_CMD_NAPI_SET,
-    NETDEV_CMD_QSTATS_GET,
-    NETDEV_CMD_QUEUE_CREATE,
-    NETDEV_CMD_QUEUE_GET,
-    NETDEV_GENL_NAME,
-    NETDEV_GENL_VERSION,
-    NETDEV_QUEUE_TYPE_RX,
-    NETDEV_QUEUE_TYPE_TX,
-    XDP_ACT,
-    XSK_FLAGS,
-    flag_names,
-)
+from pyroute2.netlink import NLA_F_NESTED, genlmsg, nla
 
 __all__ = [
     'NETDEV_CMD_BIND_RX',
@@ -55,14 +40,49 @@ __all__ = [
     'NETDEV_QUEUE_TYPE_TX',
     'XDP_ACT',
     'XSK_FLAGS',
-    'AsyncNetdevSocket',
-    'NetdevSocket',
     'flag_names',
     'lease',
     'netdev_dev_msg',
     'netdev_queue_msg',
     'queue_id',
 ]
+
+
+NETDEV_GENL_NAME = "netdev"
+NETDEV_GENL_VERSION = 1
+
+NETDEV_CMD_DEV_GET = 1
+NETDEV_CMD_QUEUE_GET = 10
+NETDEV_CMD_NAPI_GET = 11
+NETDEV_CMD_QSTATS_GET = 12
+NETDEV_CMD_BIND_RX = 13
+NETDEV_CMD_NAPI_SET = 14
+NETDEV_CMD_BIND_TX = 15
+NETDEV_CMD_QUEUE_CREATE = 16
+
+NETDEV_QUEUE_TYPE_RX = 0
+NETDEV_QUEUE_TYPE_TX = 1
+
+# enum flags xdp-act / xsk-flags: bit -> name, in spec order
+XDP_ACT = (
+    "basic",
+    "redirect",
+    "ndo-xmit",
+    "xsk-zerocopy",
+    "hw-offload",
+    "rx-sg",
+    "ndo-xmit-sg",
+)
+XSK_FLAGS = ("tx-timestamp", "tx-checksum", "tx-launch-time-fifo")
+
+
+def flag_names(value: int, names: tuple[str, ...]) -> frozenset[str]:
+    """Decode a spec 'flags' bitmask; bits the spec (as known here) lacks stay visible."""
+    return frozenset(
+        names[bit] if bit < len(names) else f"bit{bit}"
+        for bit in range(value.bit_length())
+        if value >> bit & 1
+    )
 
 
 class netdev_dev_msg(genlmsg):  # type: ignore[misc]  # pyroute2 is untyped
@@ -129,157 +149,10 @@ class netdev_queue_msg(genlmsg):  # type: ignore[misc]
     lease = lease
 
 
-class AsyncNetdevSocket(AsyncGenericNetlinkSocket):  # type: ignore[misc]
-    """The netdev family over an asyncio netlink socket; ``bind()`` first."""
+def __getattr__(name: str) -> Any:
+    """``AsyncNetdevSocket`` / ``NetdevSocket``, loaded (with asyncio) on first use."""
+    if name in ('AsyncNetdevSocket', 'NetdevSocket'):
+        from cni_netkit.kernel import netdev_socket  # noqa: PLC0415 - asyncio: see module doc
 
-    # a kernel without the family is an expected answer, not a log-worthy error
-    module_err_level = 'debug'
-    ops: frozenset[int] = frozenset()
-
-    async def discovery(self, proto: str) -> Any:
-        msg = await super().discovery(proto)
-        self.ops = frozenset(
-            op.get_attr('CTRL_ATTR_OP_ID') for op in msg.get_attr('CTRL_ATTR_OPS') or ()
-        )
-        return msg
-
-    async def _request(
-        self, msg_class: type[genlmsg], cmd: int, attrs: list[Any], flags: int
-    ) -> Any:
-        # One family, several attribute sets: the marshal parses replies by
-        # family id only, so point it at this op's set before asking (requests
-        # on one socket are sequential; pyroute2's ethtool re-binds instead,
-        # which costs a CTRL_CMD_GETFAMILY round trip each time).
-        self.marshal.msg_map[self.prid] = msg_class
-        msg = msg_class()
-        msg['cmd'] = cmd
-        msg['version'] = NETDEV_GENL_VERSION
-        msg['attrs'] = attrs
-        return await self.nlm_request(msg, msg_type=self.prid, msg_flags=flags)
-
-    async def dev_get(self, ifindex: int | None = None) -> Any:
-        """dev-get: do with ``ifindex``, dump without."""
-        if ifindex is None:
-            return await self._request(
-                netdev_dev_msg, NETDEV_CMD_DEV_GET, [], NLM_F_REQUEST | NLM_F_DUMP
-            )
-        return await self._request(
-            netdev_dev_msg,
-            NETDEV_CMD_DEV_GET,
-            [('NETDEV_A_DEV_IFINDEX', ifindex)],
-            NLM_F_REQUEST,
-        )
-
-    async def queue_get(
-        self, ifindex: int, id: int, type: int = NETDEV_QUEUE_TYPE_RX
-    ) -> Any:
-        """queue-get do: one queue of one device."""
-        return await self._request(
-            netdev_queue_msg,
-            NETDEV_CMD_QUEUE_GET,
-            [
-                ('NETDEV_A_QUEUE_IFINDEX', ifindex),
-                ('NETDEV_A_QUEUE_TYPE', type),
-                ('NETDEV_A_QUEUE_ID', id),
-            ],
-            NLM_F_REQUEST,
-        )
-
-    async def queue_dump(self, ifindex: int | None = None) -> Any:
-        """queue-get dump: every queue in the netns, or of ``ifindex``."""
-        attrs = [] if ifindex is None else [('NETDEV_A_QUEUE_IFINDEX', ifindex)]
-        return await self._request(
-            netdev_queue_msg,
-            NETDEV_CMD_QUEUE_GET,
-            attrs,
-            NLM_F_REQUEST | NLM_F_DUMP,
-        )
-
-    async def queue_create(
-        self,
-        ifindex: int,
-        type: int,
-        lease_ifindex: int,
-        lease_queue_id: int,
-        lease_netns_id: int | None = None,
-    ) -> Any:
-        """queue-create: a new queue on ``ifindex`` leasing a queue of ``lease_ifindex``.
-
-        ``lease_netns_id`` is the nsid, seen from this socket's netns, of the
-        netns holding ``lease_ifindex``; None when it is this netns.
-        """
-        lease_attrs: list[Any] = [
-            ('NETDEV_A_LEASE_IFINDEX', lease_ifindex),
-            (
-                'NETDEV_A_LEASE_QUEUE',
-                {
-                    'attrs': [
-                        ('NETDEV_A_QUEUE_ID', lease_queue_id),
-                        ('NETDEV_A_QUEUE_TYPE', type),
-                    ]
-                },
-            ),
-        ]
-        if lease_netns_id is not None:
-            lease_attrs.append(('NETDEV_A_LEASE_NETNS_ID', lease_netns_id))
-        return await self._request(
-            netdev_queue_msg,
-            NETDEV_CMD_QUEUE_CREATE,
-            [
-                ('NETDEV_A_QUEUE_IFINDEX', ifindex),
-                ('NETDEV_A_QUEUE_TYPE', type),
-                ('NETDEV_A_QUEUE_LEASE', {'attrs': lease_attrs}),
-            ],
-            NLM_F_REQUEST,
-        )
-
-
-class NetdevSocket(GenericNetlinkSocket):  # type: ignore[misc]
-    """Synchronous netdev family socket; methods return tuples of reply messages."""
-
-    async_class = AsyncNetdevSocket
-
-    def bind(self, groups: int = 0, pid: int | None = None) -> None:
-        """Resolve the family (NetlinkError ENOENT when the kernel lacks it)."""
-        super().bind(NETDEV_GENL_NAME, netdev_queue_msg, groups, pid)
-
-    @property
-    def ops(self) -> frozenset[int]:
-        """Ids of the ops the running kernel has (filled by ``bind()``)."""
-        return frozenset(self.asyncore.ops)
-
-    def dev_get(self, ifindex: int | None = None) -> tuple[Any, ...]:
-        """dev-get: do with ``ifindex``, dump without."""
-        return tuple(self._run_sync_cleanup(self.asyncore.dev_get, ifindex))
-
-    def queue_get(
-        self, ifindex: int, id: int, type: int = NETDEV_QUEUE_TYPE_RX
-    ) -> tuple[Any, ...]:
-        """queue-get do: one queue of one device."""
-        return tuple(
-            self._run_sync_cleanup(self.asyncore.queue_get, ifindex, id, type)
-        )
-
-    def queue_dump(self, ifindex: int | None = None) -> tuple[Any, ...]:
-        """queue-get dump: every queue in the netns, or of ``ifindex``."""
-        return tuple(self._run_sync_cleanup(self.asyncore.queue_dump, ifindex))
-
-    def queue_create(
-        self,
-        ifindex: int,
-        type: int,
-        lease_ifindex: int,
-        lease_queue_id: int,
-        lease_netns_id: int | None = None,
-    ) -> tuple[Any, ...]:
-        """queue-create: the reply carries the new queue's ``NETDEV_A_QUEUE_ID``."""
-        return tuple(
-            self._run_sync_cleanup(
-                self.asyncore.queue_create,
-                ifindex,
-                type,
-                lease_ifindex,
-                lease_queue_id,
-                lease_netns_id,
-            )
-        )
+        return getattr(netdev_socket, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

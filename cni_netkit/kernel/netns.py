@@ -8,7 +8,8 @@ short-lived thread that moves only itself (a netns is per thread, and a
 socket stays in the netns it was made in for life).
 
 The nsid helpers take a ``rawnl.NetlinkSocket`` (NETLINK_ROUTE) made in the
-netns the nsid is seen from; nsids are per pair of namespaces.
+netns the nsid is seen from, and speak pyroute2's ``nsidmsg``; nsids are per
+pair of namespaces.
 """
 
 from __future__ import annotations
@@ -29,12 +30,9 @@ CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703
 # NETNSA_NSID_NOT_ASSIGNED (-1), read as the u32 it is sent as
 _NSID_NOT_ASSIGNED = 0xFFFFFFFF
-# include/uapi/linux/rtnetlink.h, net_namespace.h
+# include/uapi/linux/rtnetlink.h (pyroute2.netlink.rtnl has them too, but loads more)
 RTM_NEWNSID = 88
 RTM_GETNSID = 90
-NETNSA_NSID = 1
-NETNSA_FD = 3
-_RTGENMSG = bytes(4)  # struct rtgenmsg (AF_UNSPEC), padded to 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -128,18 +126,26 @@ def sockets_in(nsfd: int, specs: list[tuple[int, int, int]]) -> list[socket.sock
     return made
 
 
+def _nsidmsg(*attrs: tuple[str, int]) -> Any:
+    """pyroute2's nsidmsg (AF_UNSPEC) carrying ``attrs``."""
+    # pyroute2 loads lazily here so that check_netns() stays cheap to import
+    from pyroute2.netlink.rtnl.nsidmsg import nsidmsg  # noqa: PLC0415
+
+    msg = nsidmsg()
+    msg["attrs"] = list(attrs)
+    return msg
+
+
 def get_nsid(sock: Any, nsfd: int) -> int | None:
     """The nsid of netns ``nsfd`` as seen from ``sock``'s netns (a ``rawnl.NetlinkSocket``).
 
     None if unassigned.
     """
-    from cni_netkit.kernel import rawnl  # noqa: PLC0415 - pyroute2 errors: loaded lazily
-
-    (reply,) = sock.request(RTM_GETNSID, 0, _RTGENMSG + rawnl.nla_u32(NETNSA_FD, nsfd))
-    nsid = rawnl.u32(rawnl.parse_attrs(reply, len(_RTGENMSG)).get(NETNSA_NSID))
+    (reply,) = sock.request(_nsidmsg(("NETNSA_FD", nsfd)), RTM_GETNSID)
+    nsid = reply.get_attr("NETNSA_NSID")
     if nsid is None or nsid == _NSID_NOT_ASSIGNED:
         return None
-    return nsid
+    return int(nsid)
 
 
 def ensure_nsid(sock: Any, nsfd: int) -> int:
@@ -147,15 +153,13 @@ def ensure_nsid(sock: Any, nsfd: int) -> int:
     nsid = get_nsid(sock, nsfd)
     if nsid is not None:
         return nsid
-    # pyroute2 loads lazily here so that check_netns() stays cheap to import
-    from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
-
-    from cni_netkit.kernel import rawnl  # noqa: PLC0415
+    from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415 - see _nsidmsg
 
     try:
         # NETNSA_NSID -1: the kernel picks one
-        sock.request(RTM_NEWNSID, 0, _RTGENMSG + rawnl.nla_u32(NETNSA_NSID, _NSID_NOT_ASSIGNED)
-                     + rawnl.nla_u32(NETNSA_FD, nsfd))
+        sock.request(
+            _nsidmsg(("NETNSA_NSID", _NSID_NOT_ASSIGNED), ("NETNSA_FD", nsfd)), RTM_NEWNSID
+        )
     except NetlinkError as e:
         # EEXIST: someone else assigned one since we looked; use theirs
         if e.code != errno.EEXIST:

@@ -21,7 +21,8 @@ from cni_netkit.errors import (
     QueueOutOfRange,
 )
 from cni_netkit.kernel import Kernel, Link, NetkitSpec, PeerSpec, QueueLease
-from cni_netkit.kernel.netdev import NETDEV_QUEUE_TYPE_TX, NetdevSocket
+from cni_netkit.kernel.netdev import NETDEV_QUEUE_TYPE_TX
+from cni_netkit.kernel.netdev_socket import NetdevSocket
 from tests.kernel.support import Nsim, del_nsim, lease_of, wait_for
 
 pytestmark = pytest.mark.kernel

@@ -26,7 +26,7 @@ from cni_netkit.kernel.netdev import (
     flag_names,
     netdev_queue_msg,
 )
-from cni_netkit.kernel.rawnl import parse_attrs
+from cni_netkit.kernel.rawnl import NetlinkSocket
 
 
 def nlas(data: bytes, offset: int = 0) -> list[tuple[int, bytes]]:
@@ -58,11 +58,6 @@ def netkit_link(data: list[tuple[str, Any]], **attrs: Any) -> Any:
     parsed = ifinfmsg(msg.data)
     parsed.decode()
     return parsed
-
-
-def body(msg: Any) -> bytes:
-    """What the kernel layer decodes: the message without its nlmsghdr."""
-    return bytes(msg.data[16:])
 
 
 def test_netkit_attributes_have_the_uapi_ids() -> None:
@@ -124,7 +119,7 @@ def test_netkit_link_decodes_into_link_and_netkit_info() -> None:
         IFLA_LINK_NETNSID=3,
     )
 
-    link = _link(body(msg))
+    link = _link(msg)
 
     assert (link.index, link.name, link.kind, link.mtu, link.up) == (7, "nk0", "netkit", 1400, True)
     assert (link.alias, link.num_rx_queues, link.num_tx_queues) == ("owner", 5, 1)
@@ -137,19 +132,21 @@ def test_netkit_link_decodes_into_link_and_netkit_info() -> None:
 
 def test_a_netkit_without_pairing_attribute_is_a_pair() -> None:
     # kernels before 7.0 have no IFLA_NETKIT_PAIRING: every netkit was a pair then
-    info = _link(body(netkit_link([("IFLA_NETKIT_MODE", 1)]))).netkit
+    info = _link(netkit_link([("IFLA_NETKIT_MODE", 1)])).netkit
     assert info is not None
     assert (info.pairing, info.mode, info.primary) == ("pair", "l3", False)
 
 
-def queue_reply(attrs: list[tuple[str, Any]]) -> dict[int, bytes]:
-    """A queue-get answer encoded by pyroute2, parsed as the kernel layer parses it."""
+def queue_reply(attrs: list[tuple[str, Any]], cmd: int = NETDEV_CMD_QUEUE_GET) -> Any:
+    """A queue-get answer encoded by pyroute2, decoded as the transport decodes it."""
     msg = netdev_queue_msg()
-    msg["cmd"] = NETDEV_CMD_QUEUE_GET
+    msg["cmd"] = cmd
     msg["version"] = 1
     msg["attrs"] = attrs
     msg.encode()
-    return parse_attrs(bytes(msg.data), 20)  # nlmsghdr 16 + genlmsghdr 4
+    parsed = netdev_queue_msg(bytes(msg.data))
+    parsed.decode()
+    return parsed
 
 
 def lease_nest(netns_id: int | None) -> tuple[str, Any]:
@@ -165,12 +162,14 @@ def lease_nest(netns_id: int | None) -> tuple[str, Any]:
 class RecordingSocket:
     """Stands in for a ``rawnl.NetlinkSocket``: records requests, answers ``answers``."""
 
-    def __init__(self, answers: list[bytes] | None = None) -> None:
+    def __init__(self, answers: list[Any] | None = None) -> None:
         self.sent: list[tuple[int, int, bytes]] = []
         self.answers = answers or []
 
-    def request(self, msg_type: int, flags: int, payload: bytes) -> list[bytes]:
-        self.sent.append((msg_type, flags, payload))
+    def request(self, msg: Any, msg_type: int, flags: int = 0, **_: Any) -> list[Any]:
+        msg["header"] = {"type": msg_type, "flags": flags, "sequence_number": 1, "pid": 0}
+        msg.encode()
+        self.sent.append((msg_type, flags, bytes(msg.data[16:])))  # without the nlmsghdr
         return self.answers
 
     def close(self) -> None:
@@ -180,7 +179,7 @@ class RecordingSocket:
 def test_queue_create_request_nests_say_they_are_nests(monkeypatch: pytest.MonkeyPatch) -> None:
     # netdev's genl policies are strict: a nest without NLA_F_NESTED is EINVAL
     monkeypatch.setattr(api, "_netdev_family", (0x1D, frozenset({NETDEV_CMD_QUEUE_CREATE})))
-    answer = struct.pack("BBH", NETDEV_CMD_QUEUE_CREATE, 1, 0) + struct.pack("HHI", 8, 1, 3)
+    answer = queue_reply([("NETDEV_A_QUEUE_ID", 3)], cmd=NETDEV_CMD_QUEUE_CREATE)
     sock = RecordingSocket([answer])
     kernel = Kernel()
     kernel._raw[(None, 16)] = sock  # type: ignore[assignment]  # NETLINK_GENERIC
@@ -278,3 +277,82 @@ def test_queue_create_on_a_kernel_without_the_op_is_unsupported(
     assert "7.0" in e.value.details
     assert sock.sent == []  # queue-create must not be sent to a kernel without it
     kernel.close()
+
+
+class FakeNetlink:
+    """A socket.socket stand-in: keeps what is sent, answers ``replies`` in turn."""
+
+    def __init__(self, replies: list[bytes]) -> None:
+        self.replies = replies
+        self.sent: list[bytes] = []
+
+    def setsockopt(self, *_: Any) -> None:
+        pass
+
+    def bind(self, _: Any) -> None:
+        pass
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(bytes(data))
+        return len(data)
+
+    def recv(self, _: int) -> bytes:
+        return self.replies.pop(0)
+
+
+def nlmsgerr(seq: int, error: int, extack: str | None) -> bytes:
+    """NLMSG_ERROR as a NETLINK_CAP_ACK | NETLINK_EXT_ACK socket gets it."""
+    body = struct.pack("=i", error) + struct.pack("=IHHII", 16, 18, 5, seq, 0)
+    flags = 0x100  # NLM_F_CAPPED
+    if extack is not None:
+        text = extack.encode() + b"\0"
+        body += struct.pack("=HH", 4 + len(text), 1) + text + b"\0" * (-len(text) % 4)
+        flags |= 0x200  # NLM_F_ACK_TLVS
+    return struct.pack("=IHHII", 16 + len(body), 2, flags, seq, 0) + body
+
+
+def queue_request() -> Any:
+    msg = netdev_queue_msg()
+    msg["cmd"] = NETDEV_CMD_QUEUE_GET
+    msg["version"] = 1
+    return msg
+
+
+def test_transport_raises_netlink_error_with_the_extack_text() -> None:
+    fake = FakeNetlink([nlmsgerr(1, -errno.EINVAL, "Lease device is a virtual device")])
+    sock = NetlinkSocket(fake)  # type: ignore[arg-type]
+
+    with pytest.raises(NetlinkError) as e:
+        sock.request(queue_request(), 0x1D)
+
+    assert e.value.code == errno.EINVAL
+    assert _extack(e.value) == "Lease device is a virtual device"
+    # the request went out as pyroute2 encoded it, numbered, asking for the ACK
+    (sent,) = fake.sent
+    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", sent)
+    assert (length, kind, flags & 0x5, seq) == (len(sent), 0x1D, 0x5, 1)
+
+
+def test_transport_error_without_extack_is_strerror_and_an_ack_returns_nothing() -> None:
+    fake = FakeNetlink([nlmsgerr(1, -errno.ENODEV, None), nlmsgerr(2, 0, None)])
+    sock = NetlinkSocket(fake)  # type: ignore[arg-type]
+
+    with pytest.raises(NetlinkError) as e:
+        sock.request(queue_request(), 0x1D)
+    assert (e.value.code, _extack(e.value)) == (errno.ENODEV, "")
+    assert sock.request(queue_request(), 0x1D) == []
+
+
+def test_transport_decodes_answers_with_the_reply_class_and_skips_stale_ones() -> None:
+    def answer(seq: int, queue: int) -> bytes:
+        data = bytearray(queue_reply([("NETDEV_A_QUEUE_ID", queue)]).data)
+        struct.pack_into("=I", data, 8, seq)
+        return bytes(data)
+
+    done = struct.pack("=IHHII", 20, 3, 2, 2, 0) + struct.pack("=i", 0)
+    fake = FakeNetlink([answer(1, 7) + answer(2, 3), answer(2, 4) + done])
+    sock = NetlinkSocket(fake)  # type: ignore[arg-type]
+    sock._seq = 1  # request 1 has been answered before: its late answer is skipped
+
+    got = sock.request(queue_request(), 0x1D, 0x300)  # NLM_F_DUMP
+    assert [m.get_attr("NETDEV_A_QUEUE_ID") for m in got] == [3, 4]
