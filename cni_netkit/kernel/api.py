@@ -114,7 +114,7 @@ class Kernel:
     """The real kernel, through netlink; see the module docstring for socket lifetimes."""
 
     def __init__(self) -> None:
-        # hand-framed sockets (``rawnl``), by (netns, netlink protocol)
+        # ``rawnl`` transport sockets, by (netns, netlink protocol)
         self._raw: dict[tuple[str | None, int], nl.NetlinkSocket] = {}
 
     def __enter__(self) -> Kernel:
@@ -137,7 +137,7 @@ class Kernel:
     # --- sockets ----------------------------------------------------------
 
     def _nl(self, netns: str | None, proto: int) -> nl.NetlinkSocket:
-        """The hand-framed socket of ``proto`` in ``netns``.
+        """The ``rawnl`` socket of ``proto`` in ``netns``.
 
         In another netns both protocols' sockets are made at once, in one
         thread trip: an ADD needs both there (links, then queue-create).
