@@ -24,6 +24,7 @@ import pytest
 
 from cni_netkit.agent import server
 from cni_netkit.cni import client, entry
+from tests.unit.fake_agent import Behaviour, FakeAgent, answer, fake_agents, ready_then
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = {"cniVersion": "1.0.0", "name": "net", "type": "netkit", "master": "eth0", "queues": "8-9"}
@@ -36,68 +37,9 @@ ENV = {
 }
 
 
-class FakeAgent:
-    """A socket that answers the handshake as told: ``behave(conn)`` runs per connection."""
-
-    def __init__(self, path: Path, behave: Callable[[socket.socket], None]) -> None:
-        self.path = path
-        self.behave = behave
-        self.connections = 0
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        self.sock.listen(16)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            with conn:
-                try:
-                    server.read_request(conn)
-                    self.behave(conn)
-                except (OSError, EOFError):
-                    pass  # the client left: what the test looks at is on its side
-
-    def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(5)
-
-
 @pytest.fixture
-def fake_agent(tmp_path: Path) -> Iterator[Callable[[Callable[[socket.socket], None]], FakeAgent]]:
-    made: list[FakeAgent] = []
-
-    def make(behave: Callable[[socket.socket], None]) -> FakeAgent:
-        made.append(FakeAgent(tmp_path / "fake.sock", behave))
-        return made[-1]
-
-    yield make
-    for agent in made:
-        agent.close()
-
-
-def ready_then(after_go: Callable[[socket.socket], None]) -> Callable[[socket.socket], None]:
-    """An agent that says ready, waits for GO, then does ``after_go``."""
-
-    def behave(conn: socket.socket) -> None:
-        conn.sendall(client.READY)
-        if conn.recv(1) == client.GO:
-            after_go(conn)
-
-    return behave
-
-
-def answer(text: str, status: int = 0) -> Callable[[socket.socket], None]:
-    return ready_then(
-        lambda conn: conn.sendall(client.ANSWER + status.to_bytes(4, "big") + client.frame(
-            text.encode()))
-    )
+def fake_agent(tmp_path: Path) -> Iterator[Callable[[Behaviour], FakeAgent]]:
+    yield from fake_agents(tmp_path, ENV)
 
 
 def relay(env: dict[str, str], path: Path, **kw: Any) -> tuple[str, int] | None:
@@ -115,7 +57,7 @@ def test_no_socket_means_run_here_quietly(
 
 
 def test_disabled_by_environment_never_connects(fake_agent: Any) -> None:
-    agent = fake_agent(answer("{}\n"))
+    agent = fake_agent(answer(b"{}\n"))
     assert relay({**ENV, client.NO_AGENT_ENV: "1"}, agent.path) is None
     assert agent.connections == 0
 

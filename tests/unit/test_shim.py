@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import pytest
 
 from cni_netkit.agent import server
 from cni_netkit.cni import client
+from tests.unit.fake_agent import Behaviour, FakeAgent, answer, fake_agents, ready_then
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE = REPO / "cni_netkit" / "cni" / "shim.c"
@@ -126,72 +127,9 @@ def run(
 # --- fake agents ----------------------------------------------------------------------------
 
 
-@dataclass
-class FakeAgent:
-    """Accepts on ``path``; reads each request, then ``behave(conn)`` does the rest."""
-
-    path: Path
-    behave: Callable[[socket.socket], None]
-    requests: list[tuple[dict[str, str], dict[str, str], bytes]] = field(default_factory=list)
-    sock: socket.socket = field(init=False)
-    thread: threading.Thread = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(self.path))
-        self.sock.listen(16)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    self.requests.append(server.read_request(conn))
-                    self.behave(conn)
-                except (OSError, EOFError):
-                    pass
-
-    def env(self, **over: str) -> dict[str, str]:
-        return {**ENV, client.SOCKET_ENV: str(self.path), **over}
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(5)
-
-
 @pytest.fixture
-def fake_agent(tmp_path: Path) -> Iterator[Callable[[Callable[[socket.socket], None]], FakeAgent]]:
-    made: list[FakeAgent] = []
-
-    def make(behave: Callable[[socket.socket], None]) -> FakeAgent:
-        made.append(FakeAgent(tmp_path / f"fake{len(made)}.sock", behave))
-        return made[-1]
-
-    yield make
-    for agent in made:
-        agent.close()
-
-
-def ready_then(after_go: Callable[[socket.socket], None]) -> Callable[[socket.socket], None]:
-    def behave(conn: socket.socket) -> None:
-        conn.sendall(client.READY)
-        if conn.recv(1) == client.GO:
-            after_go(conn)
-
-    return behave
-
-
-def answer(text: bytes, status: int = 0) -> Callable[[socket.socket], None]:
-    return ready_then(
-        lambda conn: conn.sendall(client.ANSWER + status.to_bytes(4, "big") + client.frame(text))
-    )
+def fake_agent(tmp_path: Path) -> Iterator[Callable[[Behaviour], FakeAgent]]:
+    yield from fake_agents(tmp_path, ENV)
 
 
 # --- served by the agent: the reply, byte for byte --------------------------------------------
