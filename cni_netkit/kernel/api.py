@@ -56,6 +56,7 @@ from cni_netkit.kernel.netdev import (
     flag_names,
     netdev_dev_msg,
     netdev_queue_msg,
+    queue_create_attrs,
 )
 from cni_netkit.kernel.types import (
     DevInfo,
@@ -506,26 +507,10 @@ class Kernel:
                 err=errno.EOPNOTSUPP,
             )
         with _netlink(what):
-            rx = _QUEUE_TYPES["rx"]
-            lease: list[tuple[str, Any]] = [
-                ("NETDEV_A_LEASE_IFINDEX", lessor_ifindex),
-                (
-                    "NETDEV_A_LEASE_QUEUE",
-                    {"attrs": [("NETDEV_A_QUEUE_ID", lessor_queue), ("NETDEV_A_QUEUE_TYPE", rx)]},
-                ),
-            ]
-            if lessor_netns_id is not None:
-                lease.append(("NETDEV_A_LEASE_NETNS_ID", lessor_netns_id))
-            (msg,) = self._genl(
-                netns,
-                netdev_queue_msg(),
-                NETDEV_CMD_QUEUE_CREATE,
-                [
-                    ("NETDEV_A_QUEUE_IFINDEX", ifindex),
-                    ("NETDEV_A_QUEUE_TYPE", rx),
-                    ("NETDEV_A_QUEUE_LEASE", {"attrs": lease}),
-                ],
+            attrs = queue_create_attrs(
+                ifindex, _QUEUE_TYPES["rx"], lessor_ifindex, lessor_queue, lessor_netns_id
             )
+            (msg,) = self._genl(netns, netdev_queue_msg(), NETDEV_CMD_QUEUE_CREATE, attrs)
         return int(msg.get_attr("NETDEV_A_QUEUE_ID"))
 
 

@@ -76,6 +76,41 @@ XDP_ACT = (
 XSK_FLAGS = ("tx-timestamp", "tx-checksum", "tx-launch-time-fifo")
 
 
+def queue_create_attrs(
+    ifindex: int,
+    type: int,
+    lease_ifindex: int,
+    lease_queue_id: int,
+    lease_netns_id: int | None = None,
+) -> list[Any]:
+    """The attributes of a queue-create request (``netdev_queue_msg``).
+
+    A new queue of ``type`` on ``ifindex`` leasing queue ``lease_queue_id``
+    of ``lease_ifindex``; ``lease_netns_id`` is the nsid, seen from the
+    requesting socket's netns, of the netns holding ``lease_ifindex`` (None:
+    the same netns).
+    """
+    lease_attrs: list[Any] = [
+        ('NETDEV_A_LEASE_IFINDEX', lease_ifindex),
+        (
+            'NETDEV_A_LEASE_QUEUE',
+            {
+                'attrs': [
+                    ('NETDEV_A_QUEUE_ID', lease_queue_id),
+                    ('NETDEV_A_QUEUE_TYPE', type),
+                ]
+            },
+        ),
+    ]
+    if lease_netns_id is not None:
+        lease_attrs.append(('NETDEV_A_LEASE_NETNS_ID', lease_netns_id))
+    return [
+        ('NETDEV_A_QUEUE_IFINDEX', ifindex),
+        ('NETDEV_A_QUEUE_TYPE', type),
+        ('NETDEV_A_QUEUE_LEASE', {'attrs': lease_attrs}),
+    ]
+
+
 def flag_names(value: int, names: tuple[str, ...]) -> frozenset[str]:
     """Decode a spec 'flags' bitmask; bits the spec (as known here) lacks stay visible."""
     return frozenset(

@@ -20,6 +20,7 @@ from cni_netkit.kernel.netdev import (
     NETDEV_QUEUE_TYPE_RX,
     netdev_dev_msg,
     netdev_queue_msg,
+    queue_create_attrs,
 )
 
 __all__ = ['AsyncNetdevSocket', 'NetdevSocket']
@@ -104,28 +105,12 @@ class AsyncNetdevSocket(AsyncGenericNetlinkSocket):  # type: ignore[misc]
         ``lease_netns_id`` is the nsid, seen from this socket's netns, of the
         netns holding ``lease_ifindex``; None when it is this netns.
         """
-        lease_attrs: list[Any] = [
-            ('NETDEV_A_LEASE_IFINDEX', lease_ifindex),
-            (
-                'NETDEV_A_LEASE_QUEUE',
-                {
-                    'attrs': [
-                        ('NETDEV_A_QUEUE_ID', lease_queue_id),
-                        ('NETDEV_A_QUEUE_TYPE', type),
-                    ]
-                },
-            ),
-        ]
-        if lease_netns_id is not None:
-            lease_attrs.append(('NETDEV_A_LEASE_NETNS_ID', lease_netns_id))
         return await self._request(
             netdev_queue_msg,
             NETDEV_CMD_QUEUE_CREATE,
-            [
-                ('NETDEV_A_QUEUE_IFINDEX', ifindex),
-                ('NETDEV_A_QUEUE_TYPE', type),
-                ('NETDEV_A_QUEUE_LEASE', {'attrs': lease_attrs}),
-            ],
+            queue_create_attrs(
+                ifindex, type, lease_ifindex, lease_queue_id, lease_netns_id
+            ),
             NLM_F_REQUEST,
         )
 
