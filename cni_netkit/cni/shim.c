@@ -87,6 +87,14 @@ static void reason(const char *fmt, ...)
     va_end(ap);
 }
 
+/* The last failure's reason behind "prefix: " (copied first: why is source and target). */
+static void prefix_reason(const char *prefix)
+{
+    char tmp[sizeof why];
+    memcpy(tmp, why, sizeof tmp);
+    reason("%s: %s", prefix, tmp);
+}
+
 static int64_t now_ms(void)
 {
     struct timespec ts;
@@ -575,9 +583,7 @@ static int offer(int fd)
     if (r == -2)
         goto timeout;
     if (r) {
-        char tmp[sizeof why];
-        memcpy(tmp, why, sizeof tmp);
-        reason("agent unusable: %s", tmp);
+        prefix_reason("agent unusable");
         return UNUSABLE;
     }
     if (verdict == 'N') {
@@ -587,9 +593,7 @@ static int offer(int fd)
         if (r == -2)
             goto timeout;
         if (r) {
-            char tmp[sizeof why];
-            memcpy(tmp, why, sizeof tmp);
-            reason("agent unusable: %s", tmp);
+            prefix_reason("agent unusable");
         } else {
             for (uint32_t i = 0; i < len; i++) /* the reason is text: no NULs in the note */
                 if (!text[i])
@@ -609,9 +613,7 @@ static int offer(int fd)
     if (r == -2)
         goto timeout;
     if (r) {
-        char tmp[sizeof why];
-        memcpy(tmp, why, sizeof tmp);
-        reason("agent unusable: %s", tmp);
+        prefix_reason("agent unusable");
         return UNUSABLE;
     }
     return 0;
@@ -643,9 +645,7 @@ static int answer(int fd)
         return SILENT;
     }
     if (r) {
-        char tmp[sizeof why];
-        memcpy(tmp, why, sizeof tmp);
-        reason("agent ended mid-request: %s", tmp);
+        prefix_reason("agent ended mid-request");
         return CLOSED;
     }
     close(fd);
