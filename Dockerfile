@@ -17,13 +17,15 @@ ARG DEBIAN_IMAGE=debian:bookworm-slim
 FROM ${DEBIAN_IMAGE} AS builder
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 # ca-certificates: pip talks TLS to the package index. build-artifact installs
-# the rest it needs itself (python3.11 with its shared libpython, binutils;
-# build-shim, which it runs for the thin client `netkit`, gcc and libc6-dev).
+# the rest it needs itself through scripts/host-packages (python3.11 with its
+# shared libpython, binutils; build-shim, which it runs for the thin client
+# `netkit`, gcc and libc6-dev; build-bpf clang and libbpf-dev).
 RUN apt-get update -qq \
  && apt-get install -y -qq --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY scripts/host-packages scripts/host-packages.list scripts/
 COPY scripts/build-artifact scripts/build-artifact
 COPY scripts/build-shim scripts/build-shim
 COPY scripts/build-bpf scripts/build-bpf
