@@ -9,6 +9,7 @@ the README ("Error codes").
 from __future__ import annotations
 
 import errno as _errno
+from collections.abc import Mapping
 from typing import ClassVar
 
 
@@ -135,16 +136,23 @@ class KernelError(NetkitError):
 
 
 class KernelUnsupported(KernelError):
-    """The running kernel lacks netkit or the netdev family's queue-create (needs >= 7.0)."""
+    """The running kernel lacks netkit or the netdev family's queue-create.
+
+    Queue leasing first shipped in Linux 7.1 (the 7.0 merge was reverted before release).
+    """
 
     code = 111
 
 
 class QueueBusy(KernelError):
+    """queue-create: the queue is leased, bound by AF_XDP or has a memory provider."""
+
     errno = _errno.EBUSY
 
 
 class QueueOutOfRange(KernelError):
+    """queue-create: the queue id is not below the lessor's real_num_rx_queues."""
+
     errno = _errno.ERANGE
 
 
@@ -176,11 +184,11 @@ class AlreadyExists(KernelError):
     errno = _errno.EEXIST
 
 
+# What an errno means whatever the request: EBUSY or ERANGE from another request
+# than queue-create (an MTU out of range, a device busy) is not about queues.
 KERNEL_ERRORS: dict[int, type[KernelError]] = {
     cls.errno: cls
     for cls in (
-        QueueBusy,
-        QueueOutOfRange,
         NoSuchDevice,
         NoSuchNetnsId,
         NotSupported,
@@ -193,9 +201,21 @@ KERNEL_ERRORS: dict[int, type[KernelError]] = {
 }
 
 
-def kernel_error(err: int, what: str, extack: str = "") -> KernelError:
-    """The KernelError subclass for ``err``, its message naming the failed request."""
-    cls = KERNEL_ERRORS.get(err, KernelError)
+# What queue-create's errnos mean (the kernel's netdev_nl_queue_create_doit).
+QUEUE_CREATE_ERRORS: dict[int, type[KernelError]] = {
+    cls.errno: cls for cls in (QueueBusy, QueueOutOfRange) if cls.errno is not None
+}
+
+
+def kernel_error(
+    err: int, what: str, extack: str = "", errors: Mapping[int, type[KernelError]] | None = None
+) -> KernelError:
+    """The KernelError subclass for ``err``, its message naming the failed request.
+
+    ``errors``: what errnos mean for this request in particular (e.g.
+    ``QUEUE_CREATE_ERRORS``), looked up before the meanings every request shares.
+    """
+    cls = (errors or {}).get(err) or KERNEL_ERRORS.get(err, KernelError)
     reason = _errno.errorcode.get(err, str(err))
     return cls(f"{what}: {reason} ({_os_strerror(err)})", extack, err=err)
 

@@ -23,7 +23,7 @@ import errno
 import ipaddress
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from types import TracebackType
 from typing import Any
@@ -41,7 +41,7 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, rtmsg
 
-from cni_netkit.errors import KernelError, KernelUnsupported, kernel_error
+from cni_netkit.errors import QUEUE_CREATE_ERRORS, KernelError, KernelUnsupported, kernel_error
 from cni_netkit.kernel import netkit as netkit_kind
 from cni_netkit.kernel import netns as ns
 from cni_netkit.kernel import rawnl as nl
@@ -99,12 +99,17 @@ def _extack(e: NetlinkError) -> str:
 
 
 @contextmanager
-def _netlink(what: str) -> Iterator[None]:
-    """Turn a NetlinkError into our KernelError subclass for its errno, naming ``what``."""
+def _netlink(
+    what: str, errors: Mapping[int, type[KernelError]] | None = None
+) -> Iterator[None]:
+    """Turn a NetlinkError into our KernelError subclass for its errno, naming ``what``.
+
+    ``errors``: the request's own meanings of errnos (``QUEUE_CREATE_ERRORS``).
+    """
     try:
         yield
     except NetlinkError as e:
-        raise kernel_error(e.code, what, _extack(e)) from e
+        raise kernel_error(e.code, what, _extack(e), errors) from e
 
 
 def _in(netns: str | None) -> str:
@@ -179,7 +184,7 @@ class Kernel:
                     raise KernelUnsupported(
                         f"the running kernel ({os.uname().release}) has no netdev generic "
                         "netlink family",
-                        "netkit queue leasing needs Linux >= 7.0",
+                        "netkit queue leasing needs Linux >= 7.1",
                         err=e.code,
                     ) from e
                 raise kernel_error(e.code, "resolve genl family netdev", _extack(e)) from e
@@ -503,10 +508,10 @@ class Kernel:
         if NETDEV_CMD_QUEUE_CREATE not in ops:
             raise KernelUnsupported(
                 f"{what}: the running kernel ({os.uname().release}) has no queue-create op",
-                "netkit queue leasing needs Linux >= 7.0",
+                "netkit queue leasing needs Linux >= 7.1",
                 err=errno.EOPNOTSUPP,
             )
-        with _netlink(what):
+        with _netlink(what, QUEUE_CREATE_ERRORS):
             attrs = queue_create_attrs(
                 ifindex, _QUEUE_TYPES["rx"], lessor_ifindex, lessor_queue, lessor_netns_id
             )
@@ -607,7 +612,7 @@ def _netkit_info(data: Any) -> NetkitInfo:
         return None if value is None else names.get(value, str(value))
 
     return NetkitInfo(
-        # PAIRING is 7.0+: older netkits are all pairs
+        # PAIRING came with queue leasing (7.1+): older netkits are all pairs
         pairing=name(nk.pairings, "IFLA_NETKIT_PAIRING") or "pair",
         mode=name(nk.modes, "IFLA_NETKIT_MODE"),
         policy=name(nk.policies, "IFLA_NETKIT_POLICY"),

@@ -16,7 +16,13 @@ from pyroute2.netlink import NLA_F_NESTED
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
-from cni_netkit.errors import KernelUnsupported, QueueBusy
+from cni_netkit.errors import (
+    QUEUE_CREATE_ERRORS,
+    KernelError,
+    KernelUnsupported,
+    QueueBusy,
+    QueueOutOfRange,
+)
 from cni_netkit.kernel import Kernel, NetkitInfo, Queue, QueueLease, api, netkit
 from cni_netkit.kernel.api import _extack, _link, _netlink, _queue
 from cni_netkit.kernel.netdev import (
@@ -131,7 +137,7 @@ def test_netkit_link_decodes_into_link_and_netkit_info() -> None:
 
 
 def test_a_netkit_without_pairing_attribute_is_a_pair() -> None:
-    # kernels before 7.0 have no IFLA_NETKIT_PAIRING: every netkit was a pair then
+    # kernels before 7.1 have no IFLA_NETKIT_PAIRING: every netkit was a pair then
     info = _link(netkit_link([("IFLA_NETKIT_MODE", 1)])).netkit
     assert info is not None
     assert (info.pairing, info.mode, info.primary) == ("pair", "l3", False)
@@ -247,13 +253,27 @@ def test_flag_names_decode_the_spec_bits_and_keep_unknown_ones() -> None:
 def test_netlink_errors_become_our_errors_with_the_extack_text() -> None:
     cause = NetlinkError(errno.EBUSY, "Device queue in use due to queue leasing")
 
-    with pytest.raises(QueueBusy) as e, _netlink("queue-create on ifindex 5"):
+    with pytest.raises(QueueBusy) as e, _netlink("queue-create on ifindex 5", QUEUE_CREATE_ERRORS):
         raise cause
 
     assert e.value.__cause__ is cause
     assert e.value.err == errno.EBUSY
     assert e.value.details == "Device queue in use due to queue leasing"
     assert e.value.msg.startswith("queue-create on ifindex 5: EBUSY")
+
+
+@pytest.mark.parametrize("err", [errno.ERANGE, errno.EBUSY])
+def test_busy_and_range_mean_queues_only_for_queue_create(err: int) -> None:
+    # ERANGE from setting an MTU, EBUSY from a busy device: not a queue out of range or in use.
+    with pytest.raises(KernelError) as other, _netlink("set link 5 (mtu 70000)"):
+        raise NetlinkError(err, "MTU greater than device maximum")
+    assert type(other.value) is KernelError
+    assert other.value.err == err
+    assert other.value.details == "MTU greater than device maximum"
+
+    with pytest.raises(KernelError) as lease, _netlink("queue-create", QUEUE_CREATE_ERRORS):
+        raise NetlinkError(err, "out of range")
+    assert type(lease.value) is {errno.ERANGE: QueueOutOfRange, errno.EBUSY: QueueBusy}[err]
 
 
 def test_an_error_without_extack_has_empty_details() -> None:
@@ -274,7 +294,7 @@ def test_queue_create_on_a_kernel_without_the_op_is_unsupported(
     with pytest.raises(KernelUnsupported, match="no queue-create op") as e:
         kernel.queue_create(5, lessor_ifindex=2, lessor_queue=1)
 
-    assert "7.0" in e.value.details
+    assert "7.1" in e.value.details
     assert sock.sent == []  # queue-create must not be sent to a kernel without it
     kernel.close()
 
