@@ -131,7 +131,7 @@ class ProbeReport:
             f"kernel {k.release}: netkit {'yes' if k.netkit else 'NO'}, "
             f"netdev family {'yes' if k.netdev_family else 'NO'}, "
             f"queue-create {'yes' if k.queue_create else 'NO'}"
-            + ("" if k.can_lease else " -> queue leasing unavailable (needs Linux >= 7.0)")
+            + ("" if k.can_lease else " -> queue leasing unavailable (needs Linux >= 7.1)")
         )
         return "\n".join([head, *(m.summary() for m in self.masters)])
 

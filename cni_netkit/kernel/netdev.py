@@ -16,7 +16,7 @@ message classes, which it sends over ``rawnl``'s synchronous transport.
 Errors are left as pyroute2's ``NetlinkError`` (code + extack text when the
 socket was opened with ``ext_ack=True``): translating them is the caller's
 business.  ``ops`` tells which ops the running kernel has, from the
-CTRL_CMD_GETFAMILY reply ``bind()`` gets anyway: queue-create is Linux 7.0+.
+CTRL_CMD_GETFAMILY reply ``bind()`` gets anyway: queue-create is Linux 7.1+.
 """
 
 from __future__ import annotations

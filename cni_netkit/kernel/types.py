@@ -97,7 +97,7 @@ class KernelSupport:
     release: str  # os.uname().release
     netkit: bool  # the "netkit" rtnl link kind exists
     netdev_family: bool  # the "netdev" generic netlink family exists
-    queue_create: bool  # ... and has the queue-create op (Linux >= 7.0)
+    queue_create: bool  # ... and has the queue-create op (Linux >= 7.1)
 
     @property
     def can_lease(self) -> bool:

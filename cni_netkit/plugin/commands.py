@@ -390,7 +390,7 @@ def status(inv: Invocation, kernel: KernelAPI) -> None:
     support = kernel.probe()
     if not support.can_lease:
         raise NotAvailable(
-            "kernel lacks netkit queue leasing (needs Linux >= 7.0)",
+            "kernel lacks netkit queue leasing (needs Linux >= 7.1)",
             f"kernel {support.release}: netkit={support.netkit} "
             f"netdev-family={support.netdev_family} queue-create={support.queue_create}",
         )

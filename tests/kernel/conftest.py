@@ -1,4 +1,4 @@
-"""Fixtures for tests against a real Linux >= 7.0 kernel with netkit and netdevsim.
+"""Fixtures for tests against a real Linux >= 7.1 kernel with netkit and netdevsim.
 
 These tests run inside the test VM (``scripts/vm run -- .venv/bin/python -m
 pytest tests/kernel``); anywhere else tests/conftest.py skips them with the

@@ -210,7 +210,7 @@ def _without_master(kernel: FakeKernel) -> FakeKernel:
 
 def test_status_without_kernel_support_is_50(kernel: FakeKernel, state: Path) -> None:
     kernel.support = kernel.support.__class__("6.18", False, True, False)
-    with pytest.raises(NotAvailable, match=r"Linux >= 7\.0"):
+    with pytest.raises(NotAvailable, match=r"Linux >= 7\.1"):
         commands.status(inv("STATUS", state), kernel)
 
 
