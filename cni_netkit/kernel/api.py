@@ -23,7 +23,7 @@ import errno
 import ipaddress
 import os
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from types import TracebackType
 from typing import Any
@@ -110,6 +110,11 @@ def _netlink(
         yield
     except NetlinkError as e:
         raise kernel_error(e.code, what, _extack(e), errors) from e
+
+
+def _step(step: Callable[[str], None] | None, name: str) -> None:
+    if step is not None:
+        step(name)
 
 
 def _in(netns: str | None) -> str:
@@ -271,13 +276,19 @@ class Kernel:
         found = [_link(reply) for reply in replies]
         return [lk for lk in found if kind is None or lk.kind == kind]
 
-    def create_netkit(self, spec: NetkitSpec) -> Link:
-        """Create the device (and its peer); returns the link in ``spec.netns``."""
+    def create_netkit(
+        self, spec: NetkitSpec, *, step: Callable[[str], None] | None = None
+    ) -> Link:
+        """Create the device (and its peer); returns the link in ``spec.netns``.
+
+        See ``types.KernelAPI.create_netkit`` for ``step`` and ``spec.staging_name``.
+        """
         data: list[tuple[str, Any]] = [
             ("IFLA_NETKIT_PAIRING", _PAIRINGS[spec.pairing]),
             ("IFLA_NETKIT_MODE", _MODES[spec.mode]),
             ("IFLA_NETKIT_POLICY", _POLICIES[spec.policy]),
         ]
+        made_as = spec.staging_name or spec.name
         with ExitStack() as stack:
             if spec.pairing == "pair":
                 # single mode refuses any peer attribute, even a default one
@@ -290,19 +301,22 @@ class Kernel:
                     peer.append(("IFLA_NET_NS_FD", nsfd))
                 # struct ifinfomsg + IFLA_* of the peer, like veth's VETH_INFO_PEER
                 data.append(("IFLA_NETKIT_PEER_INFO", {"attrs": peer}))
-            attrs = _ifla(spec.name, spec.mac, spec.mtu, spec.num_rx_queues)
+            attrs = _ifla(made_as, spec.mac, spec.mtu, spec.num_rx_queues)
             msg = _ifinfmsg(0, ("IFLA_LINKINFO", _linkinfo(data)), *attrs)
-            with _netlink(f"create netkit {spec.name}{_in(spec.netns)}"):
+            with _netlink(f"create netkit {made_as}{_in(spec.netns)}"):
                 self._rt(spec.netns).request(msg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL)
-        created = self.link(spec.name, netns=spec.netns)
+        _step(step, "create:made")
+        created = self.link(made_as, netns=spec.netns)
         if created is None:
-            raise KernelError(f"netkit {spec.name}{_in(spec.netns)} missing right after creation")
-        # rtnetlink ignores IFLA_IFALIAS when creating: set it afterwards,
-        # undoing the creation if that fails.
+            raise KernelError(f"netkit {made_as}{_in(spec.netns)} missing right after creation")
+        # rtnetlink ignores IFLA_IFALIAS when creating: set it afterwards (with
+        # the final name, in one request), undoing the creation if that fails.
         with ExitStack() as undo:
             undo.callback(self.delete_link, created.index, netns=spec.netns)
-            if spec.alias is not None:
-                self.set_link(created.index, netns=spec.netns, alias=spec.alias)
+            rename = spec.name if made_as != spec.name else None
+            if spec.alias is not None or rename is not None:
+                self.set_link(created.index, netns=spec.netns, alias=spec.alias, name=rename)
+                _step(step, "create:named")
             if spec.peer is not None and spec.peer.alias is not None:
                 peer_link = self.link(spec.peer.name, netns=spec.peer.netns)
                 if peer_link is None:
@@ -311,6 +325,7 @@ class Kernel:
                         "after creation"
                     )
                 self.set_link(peer_link.index, netns=spec.peer.netns, alias=spec.peer.alias)
+                _step(step, "create:peer-named")
             undo.pop_all()
         return self.link(created.index, netns=spec.netns) or created
 

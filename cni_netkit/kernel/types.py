@@ -10,6 +10,7 @@ Netns arguments are paths (``/var/run/netns/foo``, ``/proc/PID/ns/net``) or
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -128,6 +129,11 @@ class NetkitSpec:
     mtu: int | None = None
     num_rx_queues: int | None = None  # 1 + the number of leases it must hold
     alias: str | None = None
+    # Created under this name, then renamed to ``name`` in the request that sets
+    # the alias: a device the creator names after its owner is attributable
+    # even if the creator dies before the alias is set (rtnetlink ignores
+    # IFLA_IFALIAS at creation).
+    staging_name: str | None = None
     policy: NetkitPolicy = "forward"
     peer_policy: NetkitPolicy = "forward"
     peer: PeerSpec | None = None  # pairing "pair" only
@@ -146,8 +152,15 @@ class KernelAPI(Protocol):
 
     def links(self, *, netns: str | None = None, kind: str | None = None) -> list[Link]: ...
 
-    def create_netkit(self, spec: NetkitSpec) -> Link:
-        """Create the device (and its peer); returns the link in ``spec.netns``."""
+    def create_netkit(
+        self, spec: NetkitSpec, *, step: Callable[[str], None] | None = None
+    ) -> Link:
+        """Create the device (and its peer); returns the link in ``spec.netns``.
+
+        ``step(name)`` is called after each kernel request: ``create:made``
+        (the device exists, no alias yet), ``create:named`` (its final name
+        and alias), ``create:peer-named`` (the peer's alias).
+        """
         ...
 
     def set_link(

@@ -155,7 +155,10 @@ def _create_netkit(kernel: KernelAPI, cfg: NetConf, att: Attachment) -> tuple[Li
                 mtu=cfg.mtu,
                 num_rx_queues=n + 1,  # queue 0 is the device's own; leases become 1..n
                 alias=alias,
-            )
+                # Named after its owner until it has the alias: never unattributable.
+                staging_name=staging_ifname(att.owner),
+            ),
+            step=fault_point,
         )
         return link, None
     if att.host_ifname is None:
@@ -172,7 +175,10 @@ def _create_netkit(kernel: KernelAPI, cfg: NetConf, att: Attachment) -> tuple[Li
                 name=att.ifname, netns=att.netns, num_rx_queues=n + 1, mac=att.mac, mtu=cfg.mtu,
                 alias=alias,
             ),
-        )
+        ),
+        # The host side is named after its owner from the start (host_ifname), and
+        # its peer goes with it: a pair is attributable before either has an alias.
+        step=fault_point,
     )
     pod = kernel.link(att.ifname, netns=att.netns)
     if pod is None:
@@ -278,6 +284,8 @@ def _teardown(
     afxdp.release(cfg, owner, att, inv.pod_namespace, inv.pod_name)
     if netns:  # without a netns the pod side died with it (or never existed)
         _delete_if_ours(kernel, owner, owner.ifname, netns)
+        if att is None or not att.queues:  # an ADD killed inside the netkit's creation
+            _delete_if_ours(kernel, owner, staging_ifname(owner), netns)
         fault_point("del:pod")
     if cfg.pairing == "pair" or (att and att.host_ifname):
         _delete_if_ours(kernel, owner, host_ifname(owner), None)
@@ -302,7 +310,7 @@ def _delete_if_ours(kernel: KernelAPI, owner: Owner, name: str, netns: str | Non
     link = kernel.link(name, netns=netns)
     if link is None:
         return
-    if Owner.from_alias(link.alias) != owner:
+    if not is_ours(link, owner):
         log.warning("not deleting a device we do not own", device=name, netns=netns,
                     alias=link.alias)
         return
@@ -310,8 +318,18 @@ def _delete_if_ours(kernel: KernelAPI, owner: Owner, name: str, netns: str | Non
     log.info("deleted netkit", device=name, netns=netns)
 
 
+def is_ours(link: Link, owner: Owner) -> bool:
+    """``owner``'s device: its alias says so, or, before ADD could set the alias, its
+    name is one only ``owner``'s ADD gives (the staging or the host-side name)."""
+    if link.alias:
+        return Owner.from_alias(link.alias) == owner
+    return link.kind == "netkit" and link.name in (staging_ifname(owner), host_ifname(owner))
+
+
 def _delete_ours(kernel: KernelAPI, att: Attachment) -> None:
     _delete_if_ours(kernel, att.owner, att.ifname, att.netns)
+    if not att.queues:  # killed inside the netkit's creation
+        _delete_if_ours(kernel, att.owner, staging_ifname(att.owner), att.netns)
     if att.host_ifname:
         _delete_if_ours(kernel, att.owner, att.host_ifname, None)
 
@@ -556,9 +574,12 @@ def fault_point(step: str) -> None:
     Steps, each named after what has just been done:
 
     - ADD: ``locked`` (the master's lock is held, nothing written yet),
-      ``created`` (intent record and netkit exist), ``leased:<n>`` (the n-th
-      queue is leased), ``ipam`` (IPAM allocated and configured), ``result``
-      (device-info and the final record written, the reply not yet printed).
+      ``create:made`` (inside the kernel layer: the netkit exists, no alias
+      yet), ``create:named`` (its final name and alias), ``create:peer-named``
+      (pair: the peer's alias), ``created`` (intent record and netkit exist),
+      ``leased:<n>`` (the n-th queue is leased), ``ipam`` (IPAM allocated and
+      configured), ``result`` (device-info and the final record written, the
+      reply not yet printed).
     - DEL: ``del:pod`` (pod-side netkit deleted), ``del:host`` (pair mode:
       host side deleted), ``del:ipam`` (IPAM released), ``del:torn-down``
       (device-info removed, the record not yet).
@@ -588,8 +609,17 @@ def fault_point(step: str) -> None:
 
 def host_ifname(owner: Owner) -> str:
     """The host-side name of a pair: stable per attachment, 15 bytes like Calico's cali<hash>."""
-    digest = hashlib.sha256(f"{owner.network}/{owner.container_id}/{owner.ifname}".encode())
-    return "nk" + digest.hexdigest()[:13]
+    return "nk" + _owner_digest(owner)[:13]
+
+
+def staging_ifname(owner: Owner) -> str:
+    """The name a single netkit has between its creation and its alias (``nkt<hash>``)."""
+    return "nkt" + _owner_digest(owner)[:12]
+
+
+def _owner_digest(owner: Owner) -> str:
+    key = f"{owner.network}/{owner.container_id}/{owner.ifname}"
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _check_pod_netns(kernel: KernelAPI, netns: str) -> None:

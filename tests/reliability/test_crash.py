@@ -1,7 +1,8 @@
 """Crash at every step: a plugin SIGKILLed anywhere leaves nothing the runtime's follow-up misses.
 
-For every fault point of ADD (``locked``, ``created``, ``leased:1``,
-``leased:2``, ``ipam``, ``result``) the plugin process is SIGKILLed right
+For every fault point of ADD (``locked``, inside the kernel layer's create
+``create:made``/``create:named``/``create:peer-named``, ``created``,
+``leased:1``, ``leased:2``, ``ipam``, ``result``) the plugin process is SIGKILLed right
 there, twice, then the runtime does what it does after a failed ADD: a DEL
 with the same arguments for one, a GC whose valid list excludes it for the
 other. The same for DEL and GC killed midway, followed by a repeated DEL
@@ -53,10 +54,14 @@ ROOM = 4  # attachments the pool holds: the keeper and up to three victims
 KEEPER = ("keeper", "net1")
 
 ADD_STEPS = ["locked", "created", "leased:1", "leased:2", "ipam", "result"]
+# Inside the kernel layer's create: the device exists before it has its owner alias.
+CREATE_STEPS = {"pair+ipam": ["create:made", "create:named", "create:peer-named"],
+                "single": ["create:made", "create:named"]}
 # (mode, step, how the plugin is run for the victim the DEL follows up)
 ADD_CASES = [
     *(("pair+ipam", s, "exe") for s in ADD_STEPS),
     *(("single", s, "fork") for s in ADD_STEPS if s != "ipam"),
+    *((mode, s, "fork") for mode, steps in CREATE_STEPS.items() for s in steps),
 ]
 DEL_CASES = [
     ("pair+ipam", "del:pod", "exe"),

@@ -9,6 +9,7 @@ the real kernel does is proven by tests/kernel and tests/e2e in the VM.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -107,20 +108,35 @@ class FakeKernel:
             raise InvalidNetns(netns)
         return [link for link in self.links_in(netns) if kind is None or link.kind == kind]
 
-    def create_netkit(self, spec: NetkitSpec) -> Link:
+    def create_netkit(
+        self, spec: NetkitSpec, *, step: Callable[[str], None] | None = None
+    ) -> Link:
+        # As the kernel layer does it: created (under the staging name) without an
+        # alias, then named and aliased, then the peer aliased; ``step`` after each.
         self._maybe_fail("create_netkit")
         info = NetkitInfo(spec.pairing, spec.mode, spec.policy, spec.peer_policy, True)
-        main = Link(next(self._index), spec.name, "netkit", spec.mac or "02:aa:00:00:00:01",
-                    spec.mtu or 1500, False, spec.alias, spec.num_rx_queues or 1, 1, info)
+        main = Link(next(self._index), spec.staging_name or spec.name, "netkit",
+                    spec.mac or "02:aa:00:00:00:01", spec.mtu or 1500, False, None,
+                    spec.num_rx_queues or 1, 1, info)
         fl = self._add(main, spec.netns)
+        pfl = None
         if spec.peer is not None:
             p = spec.peer
             peer = Link(next(self._index), p.name, "netkit", p.mac or "02:bb:00:00:00:01",
-                        p.mtu or 1500, False, p.alias, p.num_rx_queues or 1, 1,
+                        p.mtu or 1500, False, None, p.num_rx_queues or 1, 1,
                         replace(info, primary=False))
             pfl = self._add(peer, p.netns)
             fl.peer_index, pfl.peer_index = peer.index, main.index
-        return main
+        for name in ("create:made", "create:named", "create:peer-named"):
+            if name == "create:named":
+                fl.link = replace(fl.link, name=spec.name, alias=spec.alias)
+            elif name == "create:peer-named":
+                if pfl is None or spec.peer is None:
+                    break
+                pfl.link = replace(pfl.link, alias=spec.peer.alias)
+            if step is not None:
+                step(name)
+        return fl.link
 
     def set_link(self, index: int, *, netns: str | None = None, up: bool | None = None,
                  mac: str | None = None, mtu: int | None = None, alias: str | None = None,

@@ -6,6 +6,7 @@ the VM); these pin down what the plugin asks of the seam and how it cleans up.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,72 @@ def test_del_never_deletes_a_device_it_does_not_own(kernel: FakeKernel, state: P
     commands.add(inv("ADD", state), kernel)
     commands.delete(inv("DEL", state, cid="someone-else"), kernel)
     assert len(kernel.links_in(POD)) == 1
+
+
+def _killed_at(step: str, kernel: FakeKernel, state: Path, monkeypatch: pytest.MonkeyPatch,
+               **conf: Any) -> None:
+    """Leave the kernel and the records as an ADD SIGKILLed right after ``step`` would.
+
+    The state is captured at the fault point, before ADD's undo (which a SIGKILL
+    never runs) restores it.
+    """
+    seen: dict[str, Any] = {}
+
+    def fault(at: str) -> None:
+        if at == step:
+            seen["devices"] = copy.deepcopy(kernel.devices)
+            seen["records"] = {p: p.read_bytes() for p in state.rglob("*.json")}
+            raise commands.InjectedFault(at)
+
+    monkeypatch.setattr(commands, "fault_point", fault)
+    with pytest.raises(commands.InjectedFault):
+        commands.add(inv("ADD", state, **conf), kernel)
+    monkeypatch.undo()
+    kernel.devices = seen["devices"]
+    for path, data in seen["records"].items():
+        path.write_bytes(data)
+
+
+@pytest.mark.parametrize(("pairing", "step"), [
+    ("single", "create:made"), ("single", "create:named"),
+    ("pair", "create:made"), ("pair", "create:named"), ("pair", "create:peer-named"),
+])
+@pytest.mark.parametrize("follow_up", ["DEL", "GC"])
+def test_an_add_killed_inside_the_netkits_creation_leaves_nothing_after_del_or_gc(
+    kernel: FakeKernel, state: Path, monkeypatch: pytest.MonkeyPatch, *, pairing: str, step: str,
+    follow_up: str,
+) -> None:
+    def netkits() -> list[Any]:
+        return [d.link for d in kernel.devices.values() if d.link.kind == "netkit"]
+
+    _killed_at(step, kernel, state, monkeypatch, pairing=pairing)
+    left = netkits()
+    assert left  # the kill left devices, the first of them without an alias
+    assert left[0].alias is None or step != "create:made"
+    if follow_up == "DEL":
+        commands.delete(inv("DEL", state, pairing=pairing), kernel)
+    else:
+        commands.gc(inv("GC", state, pairing=pairing, **{"cni.dev/valid-attachments": []}),
+                    kernel, [POD])
+    assert netkits() == []
+    assert list(StateStore(state)) == []
+
+
+def test_only_the_owners_own_names_make_an_unaliased_device_ours() -> None:
+    owner = Owner("afxdp", "c1", "net1")
+    staged = commands.staging_ifname(owner)
+    assert staged.startswith("nkt") and len(staged) == 15
+    assert staged != commands.staging_ifname(Owner("afxdp", "c2", "net1"))
+
+    def link(name: str, alias: str | None, kind: str = "netkit") -> Any:
+        return type("L", (), {"name": name, "alias": alias, "kind": kind})()
+
+    assert commands.is_ours(link(staged, None), owner)
+    assert commands.is_ours(link(commands.host_ifname(owner), None), owner)
+    assert not commands.is_ours(link("net1", None), owner)  # anyone's CNI_IFNAME
+    assert not commands.is_ours(link(staged, None, kind="veth"), owner)
+    assert not commands.is_ours(link(staged, "someone else's"), owner)
+    assert commands.is_ours(link("net1", owner.alias), owner)
 
 
 def test_check_passes_then_reports_a_lost_lease(kernel: FakeKernel, state: Path) -> None:
