@@ -167,9 +167,12 @@ def test_agent_mounts_the_host_paths_it_needs() -> None:
         "/var/lib/cni/netkit",
         "/run/cni-netkit",
         "/sys",
+        "/var/lib/cni/networks",
     } <= host.keys()
-    # Paths the plugin writes into records (netns, state) are seen at the same place.
-    for same in ("/var/run/netns", "/var/lib/cni/netkit", "/run/cni-netkit"):
+    # Paths the plugin writes into records (netns, state) are seen at the same place; so is
+    # host-local's data dir, which the agent's GC releases addresses in (issue 11, item 2).
+    for same in ("/var/run/netns", "/var/lib/cni/netkit", "/run/cni-netkit",
+                 "/var/lib/cni/networks"):
         assert host[same]["mountPath"] == same
     # The installer (cni_netkit/agent/install.py) sees the bin dir at /host/opt/cni/bin.
     assert host["/opt/cni/bin"]["mountPath"] == "/host/opt/cni/bin"
