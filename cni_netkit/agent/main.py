@@ -301,6 +301,9 @@ class Agent:
         # Records first, pods later: a record written after the pod list was
         # taken would otherwise look orphaned (publish.plan's contract).
         attachments = list(self.store)
+        # Unreadable ones: the runtime's DEL or GC quarantines them (plugin.commands).
+        problems.extend(f"unreadable attachment record {c.path.name}: {c.reason}"
+                        for c in self.store.corrupt())
         kernel = self._kernel()
         try:
             problems.extend(self.steer(pools, startup=False))

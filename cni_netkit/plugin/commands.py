@@ -38,7 +38,7 @@ from cni_netkit.errors import (
 from cni_netkit.kernel.types import KernelAPI, Link, NetkitSpec, PeerSpec, Queue
 from cni_netkit.plugin import afxdp, deviceinfo, ipam
 from cni_netkit.plugin.lock import master_lock
-from cni_netkit.plugin.state import Attachment, LeasedQueue, Owner, StateStore
+from cni_netkit.plugin.state import Attachment, CorruptRecord, LeasedQueue, Owner, StateStore
 from cni_netkit.pool import choose, format_pool, free_queues
 from cni_netkit.result import Interface, IPConfig, Result
 
@@ -262,24 +262,44 @@ def delete(inv: Invocation, kernel: KernelAPI) -> None:
     cfg = inv.config
     owner = _owner(inv)
     store = StateStore(cfg.state_dir)
-    att = store.load(owner)
-    netns = inv.netns or (att.netns if att else None)
-    _teardown(inv, kernel, owner, netns, att)
+    bad: CorruptRecord | None = None
+    try:
+        att = store.load(owner)
+    except CorruptRecord as e:
+        # Never a reason to keep the pod's DEL failing: the devices carry their
+        # owner alias, IPAM is released by owner, the request names the netns.
+        att, bad = None, e
+        log.warning("attachment record unreadable: deleting by owner alias, then quarantining it",
+                    record=str(e.path), reason=e.reason)
+    netns = inv.netns or (att.netns if att else None) or (bad.salvage.get("netns") if bad else None)
+    _teardown(inv, kernel, owner, netns, att, unknown_record=bad is not None)
+    if bad is not None:
+        deviceinfo.remove(bad.salvage.get("device_info_file"))
     fault_point("del:torn-down")
-    store.remove(owner)
+    if bad is not None:
+        where = store.quarantine(bad)
+        log.warning("attachment record quarantined", record=str(bad.path), moved_to=str(where))
+    else:
+        store.remove(owner)
 
 
 def _teardown(
-    inv: Invocation, kernel: KernelAPI, owner: Owner, netns: str | None, att: Attachment | None
+    inv: Invocation, kernel: KernelAPI, owner: Owner, netns: str | None, att: Attachment | None,
+    *, unknown_record: bool = False,
 ) -> None:
-    """Remove what ADD made for ``owner``; everything already gone is fine."""
+    """Remove what ADD made for ``owner``; everything already gone is fine.
+
+    ``unknown_record``: its record was unreadable, so a host side is looked
+    for whatever the config's pairing (only a device with ``owner``'s alias
+    is ever deleted).
+    """
     cfg = inv.config
     # Stop steering the queues before they go back to the pool.
     afxdp.release(cfg, owner, att, inv.pod_namespace, inv.pod_name)
     if netns:  # without a netns the pod side died with it (or never existed)
         _delete_if_ours(kernel, owner, owner.ifname, netns)
         fault_point("del:pod")
-    if cfg.pairing == "pair" or (att and att.host_ifname):
+    if cfg.pairing == "pair" or (att and att.host_ifname) or unknown_record:
         _delete_if_ours(kernel, owner, host_ifname(owner), None)
         fault_point("del:host")
     if cfg.ipam is not None:
@@ -341,7 +361,10 @@ def check(inv: Invocation, kernel: KernelAPI) -> None:
     want_mac = _expected_mac(inv, ifname, netns)
     if want_mac and (link.mac or "").lower() != want_mac:
         raise CheckFailed(f"interface {ifname} has MAC {link.mac}, expected {want_mac}")
-    att = StateStore(cfg.state_dir).load(owner)
+    try:
+        att = StateStore(cfg.state_dir).load(owner)
+    except CorruptRecord as e:
+        raise CheckFailed(str(e), "DEL quarantines it; a new ADD writes a good one") from e
     if att is None or not att.queues:
         raise CheckFailed(f"no lease record for {owner.container_id}/{ifname}")
     master = _master(kernel, cfg.master)
@@ -453,9 +476,9 @@ def gc(inv: Invocation, kernel: KernelAPI, netns_paths: Iterable[str] | None = N
         except (NetkitError, OSError) as e:
             failures.append(f"{att.key}: {e}")
     tried = {a.owner for a in records}  # a failure there is reported once, not twice
+    released = _gc_corrupt(inv, kernel, store, valid, failures)
     paths = _candidate_netns() if netns_paths is None else netns_paths
     orphans = 0
-    released: set[Owner] = set()
     for netns, link in _netkit_devices(kernel, [None, *paths], failures):
         owner = Owner.from_alias(link.alias)
         if owner is None or owner in tried or not is_stale(owner, cfg.name, valid):
@@ -480,6 +503,42 @@ def gc(inv: Invocation, kernel: KernelAPI, netns_paths: Iterable[str] | None = N
             failures.append(f"ipam: {e}")
     if failures:
         raise NetkitError(f"GC left {len(failures)} item(s) behind", "; ".join(failures))
+
+
+def _gc_corrupt(
+    inv: Invocation, kernel: KernelAPI, store: StateStore,
+    valid: frozenset[tuple[str, str]], failures: list[str],
+) -> set[Owner]:
+    """Unreadable records: a stale one's IPAM is released, its devices deleted, the file
+    quarantined; one nobody can own any more (no owner readable) is quarantined. Every
+    one is logged. Returns the owners whose IPAM was released (the orphan scan that
+    follows deletes their devices by alias, where the record can no longer say).
+    """
+    cfg = inv.config
+    released: set[Owner] = set()
+    for bad in store.corrupt():
+        owner = bad.owner
+        if owner is not None and not is_stale(owner, cfg.name, valid):
+            log.warning("attachment record unreadable; kept for its DEL", record=str(bad.path),
+                        reason=bad.reason)
+            continue
+        try:
+            if owner is not None:
+                _release_ipam(inv, owner)
+                released.add(owner)
+                netns = bad.salvage.get("netns")
+                if netns:
+                    _delete_if_ours(kernel, owner, owner.ifname, netns)
+                _delete_if_ours(kernel, owner, host_ifname(owner), None)
+                deviceinfo.remove(bad.salvage.get("device_info_file"))
+            where = store.quarantine(bad)
+        except (NetkitError, OSError) as e:
+            failures.append(f"{bad.path.name}: {e}")
+            continue
+        log.warning("gc quarantined an unreadable attachment record", record=str(bad.path),
+                    reason=bad.reason, moved_to=str(where),
+                    container_id=owner.container_id if owner else None)
+    return released
 
 
 def _release_ipam(inv: Invocation, owner: Owner) -> None:

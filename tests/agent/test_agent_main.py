@@ -392,3 +392,11 @@ def test_a_release_that_keeps_failing_backs_off_and_is_given_up(
     assert len(calls) == agent_main.MAX_RELEASE_ATTEMPTS  # bounded, not forever
     assert any("given up after" in p for p in report.problems)  # and said so every pass
     assert StateStore(cfg.state_dir).load(att.owner) is not None  # kept for a DEL or operator
+
+
+def test_an_unreadable_record_is_reported_by_the_pass(cfg: AgentConfig, kernel: FakeKernel) -> None:
+    att = add(kernel, cfg, "vm-1", "c1")
+    StateStore(cfg.state_dir).path(att.owner).write_text("{torn")
+    report = make_agent(cfg, kernel, FakeKube(pods={"vm-1": pod("vm-1")})).run_pass([POOL])
+    expected = f"unreadable attachment record {att.key}.json"
+    assert any(p.startswith(expected) for p in report.problems)
