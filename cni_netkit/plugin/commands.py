@@ -600,6 +600,10 @@ def _candidate_netns() -> Iterator[str]:
 # --- test-only fault injection --------------------------------------------------
 
 FAULT_ENV = "CNI_NETKIT_TEST_FAULT"
+# "1" in the node agent's own process environment: it honours FAULT_ENV in
+# the requests it serves. Never set in production, so no relayed request (any
+# root client can send one) reaches a fault point, let alone a SIGKILL.
+FAULT_ENABLE_ENV = "CNI_NETKIT_TEST_FAULTS"
 
 
 class InjectedFault(NetkitError):
@@ -627,9 +631,9 @@ def fault_point(step: str) -> None:
       carries on past errors, so a raised fault there counts as that item's
       failure; ``:kill`` is what stops GC midway.
 
-    Unset in production, where this is one dictionary lookup.
+    Unset in production, where this is one or two dictionary lookups.
     """
-    spec = _environ().get(FAULT_ENV)
+    spec = fault_spec()
     if not spec:
         return
     kill = spec.endswith(":kill")
@@ -640,6 +644,19 @@ def fault_point(step: str) -> None:
 
         os.kill(os.getpid(), signal.SIGKILL)
     raise InjectedFault(f"injected fault after {step}")
+
+
+def fault_spec() -> str | None:
+    """The fault this request asks for: a cold process's own ``FAULT_ENV``; in the
+    node agent, the relayed request's only if the agent's process environment has
+    ``FAULT_ENABLE_ENV=1`` (tests start it so), never otherwise.
+    """
+    relayed = request_environ.get(None)
+    if relayed is None:
+        return os.environ.get(FAULT_ENV)  # the process's own environment: its caller's say
+    if os.environ.get(FAULT_ENABLE_ENV) != "1":
+        return None
+    return relayed.get(FAULT_ENV)
 
 
 # --- shared steps --------------------------------------------------------------

@@ -8,6 +8,7 @@ what survives a request, and shutting down.
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import json
 import os
@@ -63,7 +64,7 @@ class FakePlugin:
         structlog.get_logger("fake").info("fake plugin ran", own=inv.container_id)
         seen = {
             "container_id": inv.container_id,
-            "fault": commands._environ().get(commands.FAULT_ENV),
+            "fault": commands.fault_spec(),
             "delegate_path": commands._delegate_env(inv, "ADD")["PATH"],
         }
         with self.lock:
@@ -160,8 +161,9 @@ def test_a_request_from_another_netns_view_is_refused(agent: server.Server) -> N
 
 
 def test_concurrent_requests_each_see_only_their_own_environment_and_log(
-    agent: server.Server, plugin: FakePlugin, tmp_path: Path
+    agent: server.Server, plugin: FakePlugin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv(commands.FAULT_ENABLE_ENV, "1")  # an agent a test started for faults
     barrier = threading.Barrier(server.DEFAULT_WORKERS, timeout=20)
     plugin.gate = barrier.wait  # proves DEFAULT_WORKERS requests run at the same time
     n = 2 * server.DEFAULT_WORKERS
@@ -197,6 +199,21 @@ def test_concurrent_requests_each_see_only_their_own_environment_and_log(
         assert any(line.get("own") == f"c{i}" for line in lines)
     assert commands.FAULT_ENV not in os.environ
     assert commands.request_environ.get(None) is None  # nothing leaked into this context
+
+
+def test_a_relayed_fault_is_ignored_unless_the_agents_own_environment_enables_faults(
+    agent: server.Server, plugin: FakePlugin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(commands.FAULT_ENABLE_ENV, raising=False)  # as in production
+    env = env_for(1, CNI_NETKIT_TEST_FAULT="created:kill", CNI_NETKIT_TEST_FAULTS="1")
+    assert relay(agent.path, env, conf()) is not None
+    assert [s["fault"] for s in plugin.seen] == [None]  # the request cannot switch it on
+
+    def in_the_agent() -> None:  # and no fault point fires for it
+        commands.request_environ.set(env)
+        commands.fault_point("created")
+
+    contextvars.Context().run(in_the_agent)
 
 
 def test_a_withdrawn_request_is_never_run(agent: server.Server, plugin: FakePlugin) -> None:
