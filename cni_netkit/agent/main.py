@@ -639,10 +639,19 @@ def main(args: argparse.Namespace) -> int:
     warm = server.start(warm_socket(cfg), bin_dirs=(cfg.cni_bin_dir,))
     log.info("agent running", node=cfg.node, pools=[p.master for p in pools],
              interval=cfg.interval, socket=str(warm.path))
+    # SIGTERM starts closing at once, alongside the pass in progress: requests in
+    # flight get all of close()'s wait within the pod's grace period.
+    def close_on_stop() -> None:
+        stop.event.wait()
+        warm.close()
+
+    closer = threading.Thread(target=close_on_stop, name="cni-close")
+    closer.start()
     try:
         loop(agent, pools, stop.event)
     finally:
-        warm.close()
+        stop.event.set()
+        closer.join()
     return 0
 
 

@@ -78,6 +78,10 @@ DEFAULT_WORKERS = 4
 # Connections held at once (handshaking, queued or running); past this the
 # agent refuses and the client runs the command itself.
 MAX_CONNECTIONS = 64
+# How long close() lets requests in flight finish. The DaemonSet's
+# terminationGracePeriodSeconds is longer (a manifest test holds them together):
+# a rollout must not SIGKILL an ADD the agent has committed to.
+CLOSE_TIMEOUT = 30.0
 # A connected client must deliver its request, and say go, within this.
 _REQUEST_TIMEOUT = 5.0
 # How long a refused client may take to hang up (it reads the refusal and closes).
@@ -135,7 +139,7 @@ class Server:
         log.info("serving CNI requests", socket=str(self.path))
         return self
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Stop accepting, remove the socket (if still ours), let requests in flight finish.
 
         New invocations find no socket and run cold from here on; requests

@@ -126,6 +126,14 @@ def test_daemonset_scheduling_and_updates() -> None:
     assert {"operator": "Exists"} in pod["tolerations"]
 
 
+def test_grace_period_outlasts_the_agents_wait_for_requests_in_flight() -> None:
+    from cni_netkit.agent import server  # noqa: PLC0415
+
+    pod = find("DaemonSet")["spec"]["template"]["spec"]
+    # close() waits CLOSE_TIMEOUT for committed requests; the kubelet SIGKILLs at the grace.
+    assert pod["terminationGracePeriodSeconds"] >= server.CLOSE_TIMEOUT + 10
+
+
 def test_agent_container_runs_the_agent_with_its_node_name() -> None:
     c = agent_container()
     assert c["image"] == AGENT_IMAGE
