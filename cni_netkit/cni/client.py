@@ -176,7 +176,10 @@ def _offer(
             # takes the request only if it sees the same files there as we do.
             paths = parse_env_block(_recv_block(sock, MAX_META))
             ids = [(key, path_id(p)) for key, p in paths.items()]
+            sock.settimeout(_left(deadline))
             sock.sendall(frame(env_block(ids)))
+            # The one bound covers the whole offer: what is left of it, not a new one.
+            sock.settimeout(_left(deadline))
             verdict = _recv_exactly(sock, 1)
         if verdict == REFUSED:
             raise _Fallback("agent refused: " + _recv_block(sock, 4096).decode("utf-8", "replace"))

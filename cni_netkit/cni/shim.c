@@ -419,18 +419,25 @@ static int put_str(struct buf *b, const char *s)
     return put(b, s, strlen(s));
 }
 
-/* Reserve a u32 length in front of what follows; end_frame fills it in. */
+/*
+ * Reserve a u32 length in front of what follows; end_frame fills it in.
+ * 0 when the allocation failed (a frame's content never starts before byte 4):
+ * end_frame then fails too, and never writes in front of the buffer.
+ */
 static size_t begin_frame(struct buf *b)
 {
     unsigned char zero[4] = {0};
-    put(b, zero, 4);
+    if (put(b, zero, 4))
+        return 0;
     return b->len;
 }
 
-static void end_frame(struct buf *b, size_t start)
+static int end_frame(struct buf *b, size_t start)
 {
-    if (b->data && start <= b->len)
-        put_u32((unsigned char *)b->data + start - 4, (uint32_t)(b->len - start));
+    if (!b->data || start < 4 || start > b->len)
+        return -1;
+    put_u32((unsigned char *)b->data + start - 4, (uint32_t)(b->len - start));
+    return 0;
 }
 
 /* client.ns_id: "dev:ino" of path (stat follows links), "-" when there is none. */
@@ -488,16 +495,16 @@ static int build_request(struct buf *b)
         if (!dup)
             bad |= put(b, *e, strlen(*e) + 1);
     }
-    end_frame(b, start);
+    bad |= end_frame(b, start);
     start = begin_frame(b);
     ns_id("/proc/self/ns/net", id, sizeof id);
     bad |= put_str(b, "netns=") || put(b, id, strlen(id) + 1);
     ns_id(getenv("CNI_NETNS"), id, sizeof id);
     bad |= put_str(b, "cni_netns=") || put(b, id, strlen(id) + 1);
-    end_frame(b, start);
+    bad |= end_frame(b, start);
     start = begin_frame(b);
     bad |= put(b, input ? input : "", input_len);
-    end_frame(b, start);
+    bad |= end_frame(b, start);
     return bad || !b->data ? -1 : 0;
 }
 
@@ -516,6 +523,10 @@ static int answer_view(int fd, int64_t deadline)
         goto out;
     }
     size_t start = begin_frame(&ids);
+    if (!start) {
+        reason("out of memory");
+        goto out;
+    }
     for (char *item = paths; item < paths + len; item += strlen(item) + 1) {
         char *eq = strchr(item, '=');
         if (!eq || eq == item) {
@@ -528,7 +539,10 @@ static int answer_view(int fd, int64_t deadline)
             goto out;
         }
     }
-    end_frame(&ids, start);
+    if (end_frame(&ids, start)) {
+        reason("out of memory");
+        goto out;
+    }
     r = send_all(fd, ids.data, ids.len, deadline);
 out:
     free(paths);
