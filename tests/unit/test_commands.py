@@ -254,3 +254,34 @@ def test_injected_fault_undoes_the_add(kernel: FakeKernel, state: Path,
     with pytest.raises(commands.InjectedFault):
         commands.add(inv("ADD", state), kernel)
     assert kernel.links_in(POD) == [] and kernel.leased_master_queues() == {}
+
+
+def test_gc_waits_for_an_add_holding_the_masters_lock(kernel: FakeKernel, state: Path) -> None:
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from cni_netkit.plugin.lock import master_lock  # noqa: PLC0415
+
+    commands.add(inv("ADD", state), kernel)
+    held, released_at, deleted_at = threading.Event(), [0.0], [0.0]
+    real_delete = kernel.delete_link
+
+    def delete_link(index: int, *, netns: str | None = None) -> bool:
+        deleted_at[0] = time.monotonic()
+        return real_delete(index, netns=netns)
+
+    kernel.delete_link = delete_link  # type: ignore[method-assign]
+
+    def an_add_in_its_locked_section() -> None:
+        with master_lock(str(state), "eth0", 5):
+            held.set()
+            time.sleep(0.5)
+            released_at[0] = time.monotonic()
+
+    t = threading.Thread(target=an_add_in_its_locked_section)
+    t.start()
+    held.wait(5)
+    commands.gc(inv("GC", state, **{"cni.dev/valid-attachments": []}), kernel, kernel.netns)
+    t.join()
+    assert kernel.links_in(POD) == []
+    assert deleted_at[0] >= released_at[0] > 0  # torn down only once the ADD let go
