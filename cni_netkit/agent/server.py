@@ -273,7 +273,7 @@ class Server:
         finally:
             with self._lock:
                 del self._waiting[conn]
-        answer = client.ANSWER + status.to_bytes(4, "big") + client.frame(text.encode())
+        answer = client.answer(status, text.encode())
         with send_lock:
             try:
                 conn.sendall(answer)
@@ -503,7 +503,7 @@ def _refuse(conn: socket.socket, reason: str, *, drain: bool = True) -> None:
     the thread.
     """
     with contextlib.suppress(OSError):  # the client left: it runs the command itself
-        conn.sendall(client.REFUSED + client.frame(reason.encode()[:4096]))
+        conn.sendall(client.REFUSED + client.frame(reason.encode()[: client.MAX_REFUSAL]))
         if not drain:
             return
         conn.shutdown(socket.SHUT_WR)
