@@ -566,6 +566,8 @@ def is_stale(owner: Owner, network: str, valid: frozenset[tuple[str, str]]) -> b
 def _netkit_devices(
     kernel: KernelAPI, netns_paths: Iterable[str | None], failures: list[str]
 ) -> Iterator[tuple[str | None, Link]]:
+    """Our kind of devices, one netns at a time: its sockets are closed before the next
+    is opened, so a node with thousands of pods costs two descriptors, not two each."""
     for netns in netns_paths:
         try:
             links = kernel.links(netns=netns, kind="netkit")
@@ -574,22 +576,30 @@ def _netkit_devices(
         except (NetkitError, OSError) as e:
             failures.append(f"{netns}: {e}")
             continue
-        for link in links:
-            yield netns, link
+        try:
+            for link in links:
+                yield netns, link
+        finally:
+            if netns is not None:
+                kernel.forget_netns(netns)
 
 
-def _candidate_netns() -> Iterator[str]:
-    """Every distinct network namespace we can name by path, except our own.
+def _candidate_netns(netns_dir: str = "/var/run/netns") -> Iterator[str]:
+    """Every distinct named network namespace (``netns_dir``), except our own.
 
-    Named ones (/var/run/netns, where runtimes pin pod netns) and those only
-    held by a process. Deduplicated by nsfs inode, so each netns is opened once.
+    Only named ones, where runtimes pin pod netns (and what CNI_NETNS names):
+    the node agent, without hostPID, sees exactly these too, so GC gives the
+    same answer warm and cold. Process-only netns (``/proc/<pid>/ns/net``) are
+    not scanned: the agent cannot see them, and a record names the netns of
+    every attachment ADD got as far as creating. Deduplicated by nsfs inode,
+    so each netns is opened once.
     """
     try:
         own = Path("/proc/self/ns/net").stat()
         seen = {(own.st_dev, own.st_ino)}
     except OSError:
         seen = set()
-    paths = sorted(Path("/var/run/netns").glob("*")) + sorted(Path("/proc").glob("[0-9]*/ns/net"))
+    paths = sorted(Path(netns_dir).glob("*"))
     for p in paths:
         try:
             st = p.stat()
