@@ -125,3 +125,30 @@ def test_a_store_rechecks_its_dirs_on_each_save_unless_it_serves_one_request(
     # a new store (the next request) checks again
     with pytest.raises(IOFailure, match="writable by group or others"):
         StateStore(state, check_dirs_once=True).save(attachment(Owner("afxdp", "c2", "net1")))
+
+
+def test_two_threads_saving_one_owners_record_never_remove_each_others_temp_file(
+    tmp_path: Path,
+) -> None:
+    # The agent serves requests from threads of one process: two for one owner at once.
+    store = StateStore(tmp_path / "state")
+    owner = Owner("afxdp", "c1", "net1")
+    store.save(attachment(owner))
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def saver() -> None:
+        start.wait()
+        for _ in range(300):
+            try:
+                store.save(attachment(owner))
+            except OSError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=saver) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert store.load(owner) == attachment(owner)
