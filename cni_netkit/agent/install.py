@@ -45,6 +45,11 @@ import structlog
 log = structlog.get_logger("cni_netkit.agent.install")
 
 _CHUNK = 1 << 20
+# Replaced versions kept besides the current one. A cold invocation resolved
+# the link when it started and runs the plugin of that version for as long as
+# it takes (IPAM alone may take a minute); the agent (no hostPID) cannot see
+# it. Two kept: a plugin started at N-2 survives two upgrades in a row.
+KEEP_OLD_VERSIONS = 2
 
 
 @dataclass(frozen=True)
@@ -79,8 +84,9 @@ def install(artifact: Path, bin_dir: Path, *, version: str, name: str = "netkit"
     """Make ``bin_dir/name`` run the artifact in directory ``artifact``.
 
     ``artifact`` must hold an executable called ``name``. Old version dirs are
-    removed except the one just replaced (a runtime may be executing it right
-    now) and any whose executable a visible process is running.
+    removed except the ``KEEP_OLD_VERSIONS`` most recently replaced (a runtime
+    may be executing them right now) and any whose executable a visible
+    process is running.
     """
     if not (artifact / name).is_file():
         raise FileNotFoundError(f"{artifact / name}: not an artifact (no {name} executable)")
@@ -97,10 +103,11 @@ def install(artifact: Path, bin_dir: Path, *, version: str, name: str = "netkit"
             _install_dir(artifact, vdir, digest)
         _swap_link(link, target)
         log.info("installed CNI executable", link=str(link), target=target, previous=previous)
-        keep = {vdir.name}
         if previous is not None:
-            keep.add(previous.split("/", 1)[0])
-        removed += _remove_old_versions(bin_dir, name, keep)
+            # Its retirement time: old versions are kept newest-retired first.
+            with contextlib.suppress(OSError):
+                os.utime(bin_dir / previous.split("/", 1)[0])
+        removed += _remove_old_versions(bin_dir, name, {vdir.name}, retired=KEEP_OLD_VERSIONS)
         return InstallResult(link, vdir, changed=True, removed=removed)
 
 
@@ -188,11 +195,15 @@ def _remove_leftovers(bin_dir: Path, name: str) -> tuple[Path, ...]:
     return tuple(gone)
 
 
-def _remove_old_versions(bin_dir: Path, name: str, keep: set[str]) -> tuple[Path, ...]:
+def _remove_old_versions(
+    bin_dir: Path, name: str, keep: set[str], *, retired: int = 0
+) -> tuple[Path, ...]:
+    """Remove version dirs but ``keep`` and the ``retired`` most recently replaced ones."""
     gone = []
-    for p in bin_dir.glob(f".{name}-*"):
-        if p.name in keep or ".tmp-" in p.name or not p.is_dir():
-            continue
+    old = [p for p in bin_dir.glob(f".{name}-*")
+           if p.name not in keep and ".tmp-" not in p.name and p.is_dir()]
+    old.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for p in old[retired:]:
         # A process that fell back to the plugin runs ``<name>-plugin`` (same pid, exec'd).
         if _executing(p / name) or _executing(p / f"{name}-plugin"):
             log.info("keeping old version: a process still runs it", path=str(p))
@@ -208,7 +219,7 @@ def _executing(exe: Path) -> bool:
     Compared by device and inode, because the agent sees the bin dir under a
     different path than the host processes' ``/proc/PID/exe`` names. Only
     processes in the agent's PID namespace are visible; the kept previous
-    version covers calls that are in flight elsewhere.
+    versions (``KEEP_OLD_VERSIONS``) cover calls that are in flight elsewhere.
     """
     try:
         want = exe.stat()

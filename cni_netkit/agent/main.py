@@ -58,6 +58,10 @@ from cni_netkit.plugin.state import Attachment, StateStore
 log = structlog.get_logger("cni_netkit.agent")
 
 PROBE_ANNOTATION = f"{publish.DOMAIN}/probe"
+# GC's release (the plugin's DEL) of one attachment is tried this many times,
+# with a doubling wait between passes, then left to the runtime or an operator.
+MAX_RELEASE_ATTEMPTS = 5
+_MAX_RELEASE_BACKOFF = 3600.0
 
 
 # --- configuration -----------------------------------------------------------------------
@@ -242,6 +246,8 @@ class Agent:
         self._clock = clock
         self.store = StateStore(cfg.state_dir)
         self.nic_store = nicprep.NicStateStore(cfg.state_dir)
+        # key -> (failed releases so far, not before this clock time): GC backs off.
+        self._release_failures: dict[str, tuple[int, float]] = {}
 
     # -- start-up --
 
@@ -295,6 +301,9 @@ class Agent:
         # Records first, pods later: a record written after the pod list was
         # taken would otherwise look orphaned (publish.plan's contract).
         attachments = list(self.store)
+        # Unreadable ones: the runtime's DEL or GC quarantines them (plugin.commands).
+        problems.extend(f"unreadable attachment record {c.path.name}: {c.reason}"
+                        for c in self.store.corrupt())
         kernel = self._kernel()
         try:
             problems.extend(self.steer(pools, startup=False))
@@ -384,13 +393,28 @@ class Agent:
     ) -> tuple[str, ...]:
         released = []
         for att in orphans:
-            if not self._confirmed_orphan(kube, att, problems):
+            failed, not_before = self._release_failures.get(att.key, (0, 0.0))
+            if failed >= MAX_RELEASE_ATTEMPTS:
+                problems.append(f"gc {att.key}: given up after {failed} failed releases; "
+                                "the record is kept for the runtime's DEL or an operator")
+                continue
+            if self._clock() < not_before or not self._confirmed_orphan(kube, att, problems):
                 continue
             try:
                 self._release(att, kernel)
-            except NetkitError as e:
+            except (NetkitError, OSError) as e:
+                failed += 1
+                # A failure that heals (IPAM busy, API down) is retried with a growing
+                # wait; one that cannot (IPAM plugin missing, its data dir read-only)
+                # stops being retried after a few passes instead of forever.
+                wait = min(self.cfg.interval * 2**failed, _MAX_RELEASE_BACKOFF)
+                self._release_failures[att.key] = (failed, self._clock() + wait)
+                log.warning("gc could not release an attachment", key=att.key, error=str(e),
+                            failures=failed, retry_in=None if failed >= MAX_RELEASE_ATTEMPTS
+                            else wait)
                 problems.append(f"gc {att.key}: {e}")
                 continue
+            self._release_failures.pop(att.key, None)
             log.info(
                 "released the attachment of a pod gone from this node",
                 key=att.key,
@@ -610,14 +634,24 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     # The warm path: the executable relays CNI requests here and runs them
     # itself whenever this socket does not answer, so the agent is never on
-    # pod networking's critical path.
-    warm = server.start(warm_socket(cfg))
+    # pod networking's critical path. The executable names the host's CNI bin
+    # dir in CNI_PATH; the agent sees it at its cni_bin_dir (/host/opt/cni/bin).
+    warm = server.start(warm_socket(cfg), bin_dirs=(cfg.cni_bin_dir,))
     log.info("agent running", node=cfg.node, pools=[p.master for p in pools],
              interval=cfg.interval, socket=str(warm.path))
+    # SIGTERM starts closing at once, alongside the pass in progress: requests in
+    # flight get all of close()'s wait within the pod's grace period.
+    def close_on_stop() -> None:
+        stop.event.wait()
+        warm.close()
+
+    closer = threading.Thread(target=close_on_stop, name="cni-close")
+    closer.start()
     try:
         loop(agent, pools, stop.event)
     finally:
-        warm.close()
+        stop.event.set()
+        closer.join()
     return 0
 
 

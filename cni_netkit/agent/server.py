@@ -15,10 +15,15 @@ Trust and isolation:
 - The agent acts only where the executable would have: a request whose
   executable runs in another network namespace, whose ``CNI_NETNS`` is
   another namespace here (the agent's container lacks the host's
-  ``/var/run/netns`` mount), or that names a path (``view_paths``: CNI_PATH,
-  stateDir, logFile, CNIDeviceInfoFile, host-local's dataDir, the bpffs
-  pins) that the agent sees as other files than the executable does, is
-  refused, and the client runs it itself.
+  ``/var/run/netns`` mount), or that names a path (``view_paths``: stateDir,
+  logFile, CNIDeviceInfoFile, host-local's dataDir, the bpffs pins) that the
+  agent sees as other files than the executable does, is refused, and the
+  client runs it itself.  ``CNI_PATH`` matters only when IPAM is delegated
+  (the plugin runs nothing else from it); then each of its directories must
+  be the same directory here, either at the same path or at one of the
+  agent's ``bin_dirs`` (the DaemonSet mounts the host's ``/opt/cni/bin`` at
+  ``/host/opt/cni/bin``), and the request runs with ``CNI_PATH`` translated
+  to the agent's paths.
 - Every request runs in a ``contextvars.Context`` of its own: its
   environment (``commands.request_environ``: fault points, IPAM's PATH), its
   log destination, level and bound context (``logs``), its pid in log lines
@@ -73,6 +78,10 @@ DEFAULT_WORKERS = 4
 # Connections held at once (handshaking, queued or running); past this the
 # agent refuses and the client runs the command itself.
 MAX_CONNECTIONS = 64
+# How long close() lets requests in flight finish. The DaemonSet's
+# terminationGracePeriodSeconds is longer (a manifest test holds them together):
+# a rollout must not SIGKILL an ADD the agent has committed to.
+CLOSE_TIMEOUT = 30.0
 # A connected client must deliver its request, and say go, within this.
 _REQUEST_TIMEOUT = 5.0
 # How long a refused client may take to hang up (it reads the refusal and closes).
@@ -96,8 +105,12 @@ class Server:
         max_connections: int = MAX_CONNECTIONS,
         allowed_uids: frozenset[int] = frozenset({0}),
         heartbeat: float = client.HEARTBEAT_INTERVAL,
+        bin_dirs: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
+        """``bin_dirs``: where the agent sees directories the executable may name in
+        ``CNI_PATH`` under another path (its mount of the host's CNI bin dir)."""
         self.path = Path(socket_path)
+        self._bin_dirs = tuple(str(d) for d in bin_dirs)
         self._allowed_uids = allowed_uids
         self._max_connections = max_connections
         self._heartbeat = heartbeat
@@ -126,7 +139,7 @@ class Server:
         log.info("serving CNI requests", socket=str(self.path))
         return self
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Stop accepting, remove the socket (if still ours), let requests in flight finish.
 
         New invocations find no socket and run cold from here on; requests
@@ -232,7 +245,13 @@ class Server:
         except (OSError, EOFError, ValueError) as e:
             log.warning("unreadable CNI request", peer_pid=pid, error=str(e))
             return
-        problem = self._problem(environ, meta) or _other_view(conn, environ, stdin)
+        problem = self._problem(environ, meta)
+        if problem is None:
+            view = _other_view(conn, environ, stdin, self._bin_dirs)
+            if isinstance(view, dict):
+                environ = view  # CNI_PATH in the agent's own paths
+            else:
+                problem = view
         if problem:
             log.warning("refused a CNI request", peer_pid=pid, reason=problem)
             _refuse(conn, problem)
@@ -254,7 +273,7 @@ class Server:
         finally:
             with self._lock:
                 del self._waiting[conn]
-        answer = client.ANSWER + status.to_bytes(4, "big") + client.frame(text.encode())
+        answer = client.answer(status, text.encode())
         with send_lock:
             try:
                 conn.sendall(answer)
@@ -280,7 +299,9 @@ class Server:
         return None
 
 
-def _other_view(conn: socket.socket, environ: Mapping[str, str], stdin: bytes) -> str | None:
+def _other_view(
+    conn: socket.socket, environ: Mapping[str, str], stdin: bytes, bin_dirs: Sequence[str] = ()
+) -> str | dict[str, str] | None:
     """Why the agent would not act on the same files as the executable, or None.
 
     The agent usually runs in a container: a path the request makes the
@@ -289,25 +310,70 @@ def _other_view(conn: socket.socket, environ: Mapping[str, str], stdin: bytes) -
     the container's own filesystem.  Asks the client what each path is on its
     side and compares; a request with no such path costs no round trip.
     Settings the plugin takes from its process environment must also agree.
+
+    With delegated IPAM, each ``CNI_PATH`` directory must be a directory the
+    agent sees too, at the same path or at one of ``bin_dirs``; then the
+    answer is the request's environment with ``CNI_PATH`` in the agent's
+    paths (a dict) instead of None.
     """
     for name in _PROCESS_SETTINGS:
         if environ.get(name) != os.environ.get(name):
             return f"{name} differs between the request and the agent"
     paths = view_paths(environ, stdin)
-    if not paths:
+    search = cni_path_dirs(environ, stdin)
+    asked = [*paths, *(d for d in search if d not in paths)]
+    if not asked:
         return None
     conn.sendall(client.VIEW + client.frame(client.env_block((str(i), p) for i, p in
-                                                          enumerate(paths))))
+                                                          enumerate(asked))))
     theirs = client.parse_env_block(_recv_block(conn, client.MAX_META))
     for i, path in enumerate(paths):
         ours, seen = client.path_id(path), theirs.get(str(i))
         if seen != ours:
             return f"{path} is not the same here ({ours}) as for the executable ({seen})"
+    if not search:
+        return None
+    translated = []
+    for d in search:
+        here = _same_dir(d, theirs.get(str(asked.index(d))), bin_dirs)
+        if here is None:
+            return (f"CNI_PATH directory {d} is not a directory the agent sees "
+                    f"(at {d} or in {', '.join(bin_dirs) or 'no bin dir'})")
+        translated.append(here)
+    return {**environ, "CNI_PATH": ":".join(translated)}
+
+
+def _same_dir(path: str, seen: str | None, bin_dirs: Sequence[str]) -> str | None:
+    """Where the agent sees the directory the executable sees at ``path``, or None.
+
+    ``seen`` is the client's ``path_id(path)``: only a directory that exists
+    there (not an ancestor's identity) can be matched.
+    """
+    if not seen or seen.rpartition("=")[0] != path:
+        return None
+    ident = seen.rpartition("=")[2]
+    for here in (path, *bin_dirs):
+        if client.ns_id(here) == ident:
+            return here
     return None
 
 
+def cni_path_dirs(environ: Mapping[str, str], stdin: bytes) -> list[str]:
+    """The ``CNI_PATH`` directories the plugin searches: only when it delegates IPAM."""
+    try:
+        conf = json.loads(stdin)
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(conf, dict) or not isinstance(conf.get("ipam"), dict):
+        return []
+    dirs = [d for d in environ.get("CNI_PATH", "").split(":") if d]
+    unique = dict.fromkeys(d for d in dirs if d.startswith("/") and "\0" not in d)
+    return list(unique)[:_MAX_VIEW_PATHS]
+
+
 def view_paths(environ: Mapping[str, str], stdin: bytes) -> list[str]:
-    """The host paths a request makes the plugin (or its IPAM plugin) use, besides CNI_NETNS.
+    """The host paths a request makes the plugin (or its IPAM plugin) use, besides CNI_NETNS
+    and CNI_PATH (``cni_path_dirs``: matched, and translated, apart).
 
     Read leniently from the raw config: a config too broken to read here
     fails validation in the plugin before it touches any path.  An IPAM
@@ -317,7 +383,7 @@ def view_paths(environ: Mapping[str, str], stdin: bytes) -> list[str]:
     from cni_netkit.config import DEFAULT_STATE_DIR  # noqa: PLC0415 - loaded by warm_up
     from cni_netkit.kernel import xsk  # noqa: PLC0415
 
-    paths = [d for d in environ.get("CNI_PATH", "").split(":") if d]
+    paths: list[str] = []
     try:
         conf = json.loads(stdin)
     except (ValueError, RecursionError):
@@ -437,7 +503,7 @@ def _refuse(conn: socket.socket, reason: str, *, drain: bool = True) -> None:
     the thread.
     """
     with contextlib.suppress(OSError):  # the client left: it runs the command itself
-        conn.sendall(client.REFUSED + client.frame(reason.encode()[:4096]))
+        conn.sendall(client.REFUSED + client.frame(reason.encode()[: client.MAX_REFUSAL]))
         if not drain:
             return
         conn.shutdown(socket.SHUT_WR)
@@ -473,9 +539,12 @@ def start(
     *,
     workers: int = DEFAULT_WORKERS,
     allowed_uids: frozenset[int] = frozenset({0}),
+    bin_dirs: Sequence[str | os.PathLike[str]] = (),
 ) -> Server:
     """Serve CNI requests on ``socket_path`` from background threads; ``close()`` the result."""
-    return Server(socket_path, workers=workers, allowed_uids=allowed_uids).start()
+    return Server(
+        socket_path, workers=workers, allowed_uids=allowed_uids, bin_dirs=bin_dirs
+    ).start()
 
 
 def serve(
@@ -483,9 +552,10 @@ def serve(
     *,
     stop: threading.Event,
     workers: int = DEFAULT_WORKERS,
+    bin_dirs: Sequence[str | os.PathLike[str]] = (),
 ) -> None:
     """Serve CNI requests on ``socket_path`` until ``stop`` is set, then close."""
-    server = Server(socket_path, workers=workers).start()
+    server = Server(socket_path, workers=workers, bin_dirs=bin_dirs).start()
     try:
         while not stop.wait(1.0):  # a timed wait: signal handlers run in between
             pass
@@ -498,12 +568,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cni_netkit.agent.server")
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help="unix socket path")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    parser.add_argument("--bin-dir", action="append", default=[], dest="bin_dirs",
+                        help="where the agent sees a CNI_PATH directory of the executable's "
+                             "under another path (repeatable)")
     args = parser.parse_args(argv)
     logs.configure("info")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    serve(args.socket, stop=stop, workers=args.workers)
+    serve(args.socket, stop=stop, workers=args.workers, bin_dirs=args.bin_dirs)
     return 0
 
 

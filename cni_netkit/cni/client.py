@@ -36,7 +36,9 @@ record makes complete), then a new ADD later.  The agent sends a heartbeat
 byte every ``HEARTBEAT_INTERVAL`` while it works, so "silent" means the agent
 process is stuck, not that the command is slow.
 
-Wire format (all lengths u32 big-endian; env blocks are ``KEY=VALUE\\0``...)::
+Wire format (the spec: docs/wire-protocol.md; all lengths u32 big-endian; env
+blocks are ``KEY=VALUE\\0``...). The constants below are the one source: the
+C client's ``wire.h`` is generated from them (``c_header``) and a test keeps it so::
 
     client: MAGIC, len+env, len+meta, len+stdin
     agent:  VIEW, len+paths  (optional: paths whose view must match)
@@ -78,7 +80,8 @@ MAGIC = b"NKR1"
 READY, REFUSED, VIEW, GO, BEAT, ANSWER = b"R", b"N", b"V", b"G", b".", b"A"
 MAX_ENV = 64 << 10
 MAX_META = 4 << 10
-MAX_STDIN = (1 << 20) + 1  # what the entry point reads: config.MAX_STDIN + 1
+MAX_STDIN = (1 << 20) + 1  # what the entry point reads: config.MAX_STDIN + 1 (a test checks)
+MAX_REFUSAL = 4096
 MAX_REPLY = 16 << 20
 # The environment the plugin reads besides CNI_*: PATH, for delegated IPAM plugins.
 _EXTRA_ENV = ("PATH",)
@@ -176,10 +179,15 @@ def _offer(
             # takes the request only if it sees the same files there as we do.
             paths = parse_env_block(_recv_block(sock, MAX_META))
             ids = [(key, path_id(p)) for key, p in paths.items()]
+            sock.settimeout(_left(deadline))
             sock.sendall(frame(env_block(ids)))
+            # The one bound covers the whole offer: what is left of it, not a new one.
+            sock.settimeout(_left(deadline))
             verdict = _recv_exactly(sock, 1)
         if verdict == REFUSED:
-            raise _Fallback("agent refused: " + _recv_block(sock, 4096).decode("utf-8", "replace"))
+            raise _Fallback(
+                "agent refused: " + _recv_block(sock, MAX_REFUSAL).decode("utf-8", "replace")
+            )
         if verdict != READY:
             raise _Fallback(f"agent answered {verdict!r} instead of ready")
         # The commit point: once GO is in the agent's receive queue, it will run
@@ -257,6 +265,34 @@ def path_id(path: str) -> str:
         if got != "-" or probe in ("/", ""):
             return f"{probe}={got}"
         probe = probe.rsplit("/", 1)[0] or "/"
+
+
+def answer(status: int, text: bytes) -> bytes:
+    """The agent's reply: ANSWER, the exit status (u32), the stdout text (framed)."""
+    return ANSWER + status.to_bytes(4, "big") + frame(text)
+
+
+def c_header() -> str:
+    """``cni/wire.h``: these constants for ``shim.c`` (regenerate with
+    ``python -c 'from cni_netkit.cni import client; print(client.c_header(), end="")'
+    > cni_netkit/cni/wire.h``; tests/unit/test_wire.py fails while it differs)."""
+    kinds = {"READY": READY, "REFUSED": REFUSED, "VIEW": VIEW, "GO": GO, "BEAT": BEAT,
+             "ANSWER": ANSWER}
+    lines = [
+        "/* Generated from cni_netkit/cni/client.py (c_header); the spec is",
+        " * docs/wire-protocol.md. Do not edit: tests/unit/test_wire.py checks it. */",
+        "#ifndef CNI_NETKIT_WIRE_H", "#define CNI_NETKIT_WIRE_H", "",
+        f'#define WIRE_MAGIC "{MAGIC.decode()}"',
+        f'#define WIRE_DEFAULT_SOCKET "{DEFAULT_SOCKET}"',
+        *(f"#define WIRE_{name} '{kind.decode()}'" for name, kind in kinds.items()),
+        *(f"#define WIRE_{name} {value}u" for name, value in (
+            ("MAX_ENV", MAX_ENV), ("MAX_META", MAX_META), ("MAX_STDIN", MAX_STDIN),
+            ("MAX_REFUSAL", MAX_REFUSAL), ("MAX_REPLY", MAX_REPLY))),
+        f"#define WIRE_READY_TIMEOUT_MS {round(READY_TIMEOUT * 1000)}",
+        f"#define WIRE_SILENCE_LIMIT_MS {round(SILENCE_LIMIT * 1000)}",
+        "", "#endif", "",
+    ]
+    return "\n".join(lines)
 
 
 def env_block(pairs: Iterable[tuple[str, str]]) -> bytes:

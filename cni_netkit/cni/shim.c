@@ -45,21 +45,23 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "wire.h" /* the wire format's constants, generated from cni/client.py */
+
 extern char **environ;
 
-#define DEFAULT_SOCKET "/run/cni-netkit/cni.sock"
+#define DEFAULT_SOCKET WIRE_DEFAULT_SOCKET
 #define PLUGIN_NAME "netkit-plugin"
 /* client.READY_TIMEOUT and client.SILENCE_LIMIT (tests compile shorter ones in) */
 #ifndef READY_TIMEOUT_MS
-#define READY_TIMEOUT_MS 2000
+#define READY_TIMEOUT_MS WIRE_READY_TIMEOUT_MS
 #endif
 #ifndef SILENCE_LIMIT_MS
-#define SILENCE_LIMIT_MS 10000
+#define SILENCE_LIMIT_MS WIRE_SILENCE_LIMIT_MS
 #endif
-#define MAX_STDIN ((1u << 20) + 1)
-#define MAX_META (4u << 10)
-#define MAX_REFUSAL 4096u
-#define MAX_REPLY (16u << 20)
+#define MAX_STDIN WIRE_MAX_STDIN
+#define MAX_META WIRE_MAX_META
+#define MAX_REFUSAL WIRE_MAX_REFUSAL
+#define MAX_REPLY WIRE_MAX_REPLY
 
 /* What happened to the request. */
 enum outcome {
@@ -419,18 +421,25 @@ static int put_str(struct buf *b, const char *s)
     return put(b, s, strlen(s));
 }
 
-/* Reserve a u32 length in front of what follows; end_frame fills it in. */
+/*
+ * Reserve a u32 length in front of what follows; end_frame fills it in.
+ * 0 when the allocation failed (a frame's content never starts before byte 4):
+ * end_frame then fails too, and never writes in front of the buffer.
+ */
 static size_t begin_frame(struct buf *b)
 {
     unsigned char zero[4] = {0};
-    put(b, zero, 4);
+    if (put(b, zero, 4))
+        return 0;
     return b->len;
 }
 
-static void end_frame(struct buf *b, size_t start)
+static int end_frame(struct buf *b, size_t start)
 {
-    if (b->data && start <= b->len)
-        put_u32((unsigned char *)b->data + start - 4, (uint32_t)(b->len - start));
+    if (!b->data || start < 4 || start > b->len)
+        return -1;
+    put_u32((unsigned char *)b->data + start - 4, (uint32_t)(b->len - start));
+    return 0;
 }
 
 /* client.ns_id: "dev:ino" of path (stat follows links), "-" when there is none. */
@@ -472,7 +481,7 @@ static int put_path_id(struct buf *b, const char *path)
 static int build_request(struct buf *b)
 {
     char id[64];
-    int bad = put(b, "NKR1", 4);
+    int bad = put(b, WIRE_MAGIC, 4);
     size_t start = begin_frame(b);
     for (char **e = environ; *e; e++) {
         const char *eq = strchr(*e, '=');
@@ -488,16 +497,16 @@ static int build_request(struct buf *b)
         if (!dup)
             bad |= put(b, *e, strlen(*e) + 1);
     }
-    end_frame(b, start);
+    bad |= end_frame(b, start);
     start = begin_frame(b);
     ns_id("/proc/self/ns/net", id, sizeof id);
     bad |= put_str(b, "netns=") || put(b, id, strlen(id) + 1);
     ns_id(getenv("CNI_NETNS"), id, sizeof id);
     bad |= put_str(b, "cni_netns=") || put(b, id, strlen(id) + 1);
-    end_frame(b, start);
+    bad |= end_frame(b, start);
     start = begin_frame(b);
     bad |= put(b, input ? input : "", input_len);
-    end_frame(b, start);
+    bad |= end_frame(b, start);
     return bad || !b->data ? -1 : 0;
 }
 
@@ -516,6 +525,10 @@ static int answer_view(int fd, int64_t deadline)
         goto out;
     }
     size_t start = begin_frame(&ids);
+    if (!start) {
+        reason("out of memory");
+        goto out;
+    }
     for (char *item = paths; item < paths + len; item += strlen(item) + 1) {
         char *eq = strchr(item, '=');
         if (!eq || eq == item) {
@@ -528,7 +541,10 @@ static int answer_view(int fd, int64_t deadline)
             goto out;
         }
     }
-    end_frame(&ids, start);
+    if (end_frame(&ids, start)) {
+        reason("out of memory");
+        goto out;
+    }
     r = send_all(fd, ids.data, ids.len, deadline);
 out:
     free(paths);
@@ -575,7 +591,7 @@ static int offer(int fd)
     char verdict;
     if (!r)
         r = recv_exactly(fd, &verdict, 1, deadline, 0);
-    if (!r && verdict == 'V') {
+    if (!r && verdict == WIRE_VIEW) {
         r = answer_view(fd, deadline);
         if (!r)
             r = recv_exactly(fd, &verdict, 1, deadline, 0);
@@ -586,7 +602,7 @@ static int offer(int fd)
         prefix_reason("agent unusable");
         return UNUSABLE;
     }
-    if (verdict == 'N') {
+    if (verdict == WIRE_REFUSED) {
         char *text = NULL;
         uint32_t len = 0;
         r = recv_block(fd, &text, &len, MAX_REFUSAL, deadline, 0);
@@ -603,13 +619,13 @@ static int offer(int fd)
         free(text);
         return UNUSABLE;
     }
-    if (verdict != 'R') {
+    if (verdict != WIRE_READY) {
         reason("agent answered %s instead of ready",
                verdict >= 0x20 && verdict < 0x7f ? (char[]){verdict, 0} : "a stray byte");
         return UNUSABLE;
     }
     /* The commit point: once GO is in the agent's receive queue, it runs the command. */
-    r = send_all(fd, "G", 1, deadline);
+    r = send_all(fd, (char[]){WIRE_GO}, 1, deadline);
     if (r == -2)
         goto timeout;
     if (r) {
@@ -631,8 +647,8 @@ static int answer(int fd)
     int r;
     do
         r = recv_exactly(fd, &kind, 1, 0, SILENCE_LIMIT_MS);
-    while (!r && kind == '.');
-    if (!r && kind != 'A') {
+    while (!r && kind == WIRE_BEAT);
+    if (!r && kind != WIRE_ANSWER) {
         reason("stray byte instead of an answer");
         r = -1;
     }

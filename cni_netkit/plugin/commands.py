@@ -38,7 +38,7 @@ from cni_netkit.errors import (
 from cni_netkit.kernel.types import KernelAPI, Link, NetkitSpec, PeerSpec, Queue
 from cni_netkit.plugin import afxdp, deviceinfo, ipam
 from cni_netkit.plugin.lock import master_lock
-from cni_netkit.plugin.state import Attachment, LeasedQueue, Owner, StateStore
+from cni_netkit.plugin.state import Attachment, CorruptRecord, LeasedQueue, Owner, StateStore
 from cni_netkit.pool import choose, format_pool, free_queues
 from cni_netkit.result import Interface, IPConfig, Result
 
@@ -268,17 +268,37 @@ def delete(inv: Invocation, kernel: KernelAPI) -> None:
     cfg = inv.config
     owner = _owner(inv)
     store = StateStore(cfg.state_dir)
-    att = store.load(owner)
-    netns = inv.netns or (att.netns if att else None)
-    _teardown(inv, kernel, owner, netns, att)
+    bad: CorruptRecord | None = None
+    try:
+        att = store.load(owner)
+    except CorruptRecord as e:
+        # Never a reason to keep the pod's DEL failing: the devices carry their
+        # owner alias, IPAM is released by owner, the request names the netns.
+        att, bad = None, e
+        log.warning("attachment record unreadable: deleting by owner alias, then quarantining it",
+                    record=str(e.path), reason=e.reason)
+    netns = inv.netns or (att.netns if att else None) or (bad.salvage.get("netns") if bad else None)
+    _teardown(inv, kernel, owner, netns, att, unknown_record=bad is not None)
+    if bad is not None:
+        deviceinfo.remove(bad.salvage.get("device_info_file"))
     fault_point("del:torn-down")
-    store.remove(owner)
+    if bad is not None:
+        where = store.quarantine(bad)
+        log.warning("attachment record quarantined", record=str(bad.path), moved_to=str(where))
+    else:
+        store.remove(owner)
 
 
 def _teardown(
-    inv: Invocation, kernel: KernelAPI, owner: Owner, netns: str | None, att: Attachment | None
+    inv: Invocation, kernel: KernelAPI, owner: Owner, netns: str | None, att: Attachment | None,
+    *, unknown_record: bool = False,
 ) -> None:
-    """Remove what ADD made for ``owner``; everything already gone is fine."""
+    """Remove what ADD made for ``owner``; everything already gone is fine.
+
+    ``unknown_record``: its record was unreadable, so a host side is looked
+    for whatever the config's pairing (only a device with ``owner``'s alias
+    is ever deleted).
+    """
     cfg = inv.config
     # Stop steering the queues before they go back to the pool.
     afxdp.release(cfg, owner, att, inv.pod_namespace, inv.pod_name)
@@ -287,7 +307,7 @@ def _teardown(
         if att is None or not att.queues:  # an ADD killed inside the netkit's creation
             _delete_if_ours(kernel, owner, staging_ifname(owner), netns)
         fault_point("del:pod")
-    if cfg.pairing == "pair" or (att and att.host_ifname):
+    if cfg.pairing == "pair" or (att and att.host_ifname) or unknown_record:
         _delete_if_ours(kernel, owner, host_ifname(owner), None)
         fault_point("del:host")
     if cfg.ipam is not None:
@@ -359,7 +379,10 @@ def check(inv: Invocation, kernel: KernelAPI) -> None:
     want_mac = _expected_mac(inv, ifname, netns)
     if want_mac and (link.mac or "").lower() != want_mac:
         raise CheckFailed(f"interface {ifname} has MAC {link.mac}, expected {want_mac}")
-    att = StateStore(cfg.state_dir).load(owner)
+    try:
+        att = StateStore(cfg.state_dir).load(owner)
+    except CorruptRecord as e:
+        raise CheckFailed(str(e), "DEL quarantines it; a new ADD writes a good one") from e
     if att is None or not att.queues:
         raise CheckFailed(f"no lease record for {owner.container_id}/{ifname}")
     master = _master(kernel, cfg.master)
@@ -460,8 +483,13 @@ def gc(inv: Invocation, kernel: KernelAPI, netns_paths: Iterable[str] | None = N
     records = [a for a in store if is_stale(a.owner, cfg.name, valid)]
     for n, att in enumerate(records, 1):
         try:
-            afxdp.release(cfg, att.owner, att)
-            _delete_ours(kernel, att)
+            # Under the master's lock, as ADD leases: GC never tears down an
+            # attachment in the middle of an ADD's queue choice and leasing.
+            with master_lock(cfg.state_dir, att.master, cfg.lock_timeout):
+                if store.load(att.owner) is None:
+                    continue  # its DEL got there first
+                afxdp.release(cfg, att.owner, att)
+                _delete_ours(kernel, att)
             fault_point(f"gc:devices:{n}")
             _release_ipam(inv, att.owner)
             deviceinfo.remove(att.device_info_file)
@@ -471,9 +499,9 @@ def gc(inv: Invocation, kernel: KernelAPI, netns_paths: Iterable[str] | None = N
         except (NetkitError, OSError) as e:
             failures.append(f"{att.key}: {e}")
     tried = {a.owner for a in records}  # a failure there is reported once, not twice
+    released = _gc_corrupt(inv, kernel, store, valid, failures)
     paths = _candidate_netns() if netns_paths is None else netns_paths
     orphans = 0
-    released: set[Owner] = set()
     for netns, link in _netkit_devices(kernel, [None, *paths], failures):
         owner = Owner.from_alias(link.alias)
         if owner is None or owner in tried or not is_stale(owner, cfg.name, valid):
@@ -500,6 +528,42 @@ def gc(inv: Invocation, kernel: KernelAPI, netns_paths: Iterable[str] | None = N
         raise NetkitError(f"GC left {len(failures)} item(s) behind", "; ".join(failures))
 
 
+def _gc_corrupt(
+    inv: Invocation, kernel: KernelAPI, store: StateStore,
+    valid: frozenset[tuple[str, str]], failures: list[str],
+) -> set[Owner]:
+    """Unreadable records: a stale one's IPAM is released, its devices deleted, the file
+    quarantined; one nobody can own any more (no owner readable) is quarantined. Every
+    one is logged. Returns the owners whose IPAM was released (the orphan scan that
+    follows deletes their devices by alias, where the record can no longer say).
+    """
+    cfg = inv.config
+    released: set[Owner] = set()
+    for bad in store.corrupt():
+        owner = bad.owner
+        if owner is not None and not is_stale(owner, cfg.name, valid):
+            log.warning("attachment record unreadable; kept for its DEL", record=str(bad.path),
+                        reason=bad.reason)
+            continue
+        try:
+            if owner is not None:
+                _release_ipam(inv, owner)
+                released.add(owner)
+                netns = bad.salvage.get("netns")
+                if netns:
+                    _delete_if_ours(kernel, owner, owner.ifname, netns)
+                _delete_if_ours(kernel, owner, host_ifname(owner), None)
+                deviceinfo.remove(bad.salvage.get("device_info_file"))
+            where = store.quarantine(bad)
+        except (NetkitError, OSError) as e:
+            failures.append(f"{bad.path.name}: {e}")
+            continue
+        log.warning("gc quarantined an unreadable attachment record", record=str(bad.path),
+                    reason=bad.reason, moved_to=str(where),
+                    container_id=owner.container_id if owner else None)
+    return released
+
+
 def _release_ipam(inv: Invocation, owner: Owner) -> None:
     """Release ``owner``'s IPAM address as its DEL would have (GC runs instead of that DEL).
 
@@ -520,6 +584,8 @@ def is_stale(owner: Owner, network: str, valid: frozenset[tuple[str, str]]) -> b
 def _netkit_devices(
     kernel: KernelAPI, netns_paths: Iterable[str | None], failures: list[str]
 ) -> Iterator[tuple[str | None, Link]]:
+    """Our kind of devices, one netns at a time: its sockets are closed before the next
+    is opened, so a node with thousands of pods costs two descriptors, not two each."""
     for netns in netns_paths:
         try:
             links = kernel.links(netns=netns, kind="netkit")
@@ -528,22 +594,30 @@ def _netkit_devices(
         except (NetkitError, OSError) as e:
             failures.append(f"{netns}: {e}")
             continue
-        for link in links:
-            yield netns, link
+        try:
+            for link in links:
+                yield netns, link
+        finally:
+            if netns is not None:
+                kernel.forget_netns(netns)
 
 
-def _candidate_netns() -> Iterator[str]:
-    """Every distinct network namespace we can name by path, except our own.
+def _candidate_netns(netns_dir: str = "/var/run/netns") -> Iterator[str]:
+    """Every distinct named network namespace (``netns_dir``), except our own.
 
-    Named ones (/var/run/netns, where runtimes pin pod netns) and those only
-    held by a process. Deduplicated by nsfs inode, so each netns is opened once.
+    Only named ones, where runtimes pin pod netns (and what CNI_NETNS names):
+    the node agent, without hostPID, sees exactly these too, so GC gives the
+    same answer warm and cold. Process-only netns (``/proc/<pid>/ns/net``) are
+    not scanned: the agent cannot see them, and a record names the netns of
+    every attachment ADD got as far as creating. Deduplicated by nsfs inode,
+    so each netns is opened once.
     """
     try:
         own = Path("/proc/self/ns/net").stat()
         seen = {(own.st_dev, own.st_ino)}
     except OSError:
         seen = set()
-    paths = sorted(Path("/var/run/netns").glob("*")) + sorted(Path("/proc").glob("[0-9]*/ns/net"))
+    paths = sorted(Path(netns_dir).glob("*"))
     for p in paths:
         try:
             st = p.stat()
@@ -559,6 +633,10 @@ def _candidate_netns() -> Iterator[str]:
 # --- test-only fault injection --------------------------------------------------
 
 FAULT_ENV = "CNI_NETKIT_TEST_FAULT"
+# "1" in the node agent's own process environment: it honours FAULT_ENV in
+# the requests it serves. Never set in production, so no relayed request (any
+# root client can send one) reaches a fault point, let alone a SIGKILL.
+FAULT_ENABLE_ENV = "CNI_NETKIT_TEST_FAULTS"
 
 
 class InjectedFault(NetkitError):
@@ -589,9 +667,9 @@ def fault_point(step: str) -> None:
       carries on past errors, so a raised fault there counts as that item's
       failure; ``:kill`` is what stops GC midway.
 
-    Unset in production, where this is one dictionary lookup.
+    Unset in production, where this is one or two dictionary lookups.
     """
-    spec = _environ().get(FAULT_ENV)
+    spec = fault_spec()
     if not spec:
         return
     kill = spec.endswith(":kill")
@@ -602,6 +680,19 @@ def fault_point(step: str) -> None:
 
         os.kill(os.getpid(), signal.SIGKILL)
     raise InjectedFault(f"injected fault after {step}")
+
+
+def fault_spec() -> str | None:
+    """The fault this request asks for: a cold process's own ``FAULT_ENV``; in the
+    node agent, the relayed request's only if the agent's process environment has
+    ``FAULT_ENABLE_ENV=1`` (tests start it so), never otherwise.
+    """
+    relayed = request_environ.get(None)
+    if relayed is None:
+        return os.environ.get(FAULT_ENV)  # the process's own environment: its caller's say
+    if os.environ.get(FAULT_ENABLE_ENV) != "1":
+        return None
+    return relayed.get(FAULT_ENV)
 
 
 # --- shared steps --------------------------------------------------------------

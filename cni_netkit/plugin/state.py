@@ -4,6 +4,14 @@ The kernel stays the source of truth for leases (``queue-get`` on the master);
 these records say *whose* they are (container id, ifname, pod) and where the
 netkit lives (netns path), which the kernel cannot tell us from the host side.
 One JSON file per attachment, written atomically (temp file + rename).
+
+Records carry ``schema`` (``SCHEMA_VERSION``); a record of another version
+is read as far as it goes: fields this version does not know are ignored,
+fields it lacks take their defaults.  A record that cannot be read at all
+(torn, not JSON, a required field missing or of the wrong type) raises
+``CorruptRecord`` from ``load`` and is listed by ``corrupt()``: DEL and GC
+then act on what the request (and the device's owner alias) tells them and
+``quarantine`` the file, so one bad file never blocks a pod's DEL.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -18,6 +28,10 @@ from typing import Any
 
 from cni_netkit.plugin.files import open_private, private_dir
 from cni_netkit.result import NetkitQueue, NetkitResult
+
+# The record format written now; older (or newer) ones are read as far as they go.
+# 0: records before the field existed.
+SCHEMA_VERSION = 1
 
 # The interface alias that marks a netkit as ours; the owner is readable from
 # the device itself (``ip link show`` prints it), so GC and DEL never touch a
@@ -115,15 +129,78 @@ class Attachment:
         """The record as JSON-ready data; dict fields are shared, not copied (asdict()
         deep-copies them: about a millisecond per save in the test VM).
         """
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data: dict[str, Any] = {"schema": SCHEMA_VERSION}
+        data.update((f.name, getattr(self, f.name)) for f in fields(self))
         data["queues"] = [asdict(q) for q in self.queues]
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Attachment:
-        data = dict(data)
-        data["queues"] = tuple(LeasedQueue(**q) for q in data.get("queues", ()))
-        return cls(**data)
+    def from_json(cls, data: object) -> Attachment:
+        """The attachment of a record of any schema version; ValueError if it is none.
+
+        Unknown fields (a newer version's) are ignored; missing optional ones
+        (an older version's) take their defaults.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a record is a JSON object, not {type(data).__name__}")
+        for name in _REQUIRED:
+            if not isinstance(data.get(name), str) or not data[name]:
+                raise ValueError(f"field {name!r} missing or not a string")
+        known = {f.name for f in fields(cls)} - {"queues"}
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("mac", None)
+        values.setdefault("mtu", None)
+        queues = data.get("queues", [])
+        if not isinstance(queues, list):
+            raise ValueError("field 'queues' is not a list")
+        try:
+            values["queues"] = tuple(
+                LeasedQueue(int(q["netkit_queue"]), int(q["master_queue"])) for q in queues
+            )
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"field 'queues' unreadable: {e!r}") from e
+        for name, types in _OPTIONAL.items():
+            if values.get(name) is not None and not isinstance(values[name], types):
+                raise ValueError(f"field {name!r} is a {type(values[name]).__name__}")
+        if values.get("extra") is None:
+            values.pop("extra", None)
+        return cls(**values)
+
+
+# What a record cannot do without (every schema version has them).
+_REQUIRED = ("container_id", "ifname", "netns", "network", "master", "pairing", "mode")
+_OPTIONAL: dict[str, type | tuple[type, ...]] = {
+    "mac": str, "mtu": int, "netkit_ifindex": int, "host_ifname": str, "pod_namespace": str,
+    "pod_name": str, "device_info_file": str, "ipam": dict, "netconf": dict, "extra": dict,
+}
+
+
+class CorruptRecord(Exception):
+    """A record file that is no attachment: what can still be told from it."""
+
+    def __init__(self, path: Path, reason: str, salvage: dict[str, str]) -> None:
+        super().__init__(f"attachment record {path.name} unreadable: {reason}")
+        self.path = path
+        self.reason = reason
+        self.salvage = salvage  # string fields that could still be read (netns, ...)
+
+    @property
+    def owner(self) -> Owner | None:
+        """Whose record it was: from its fields if readable, else from its file name."""
+        got = [self.salvage.get(k) for k in ("network", "container_id", "ifname")]
+        if all(got):
+            return Owner(*(str(g) for g in got))
+        parts = self.path.name.removesuffix(".json").split(":")
+        if len(parts) == 3 and all(parts):
+            return Owner(*parts)
+        return None  # a hashed (long) key: only its content could tell
+
+
+def _salvage(data: object) -> dict[str, str]:
+    if not isinstance(data, dict):
+        return {}
+    names = ("network", "container_id", "ifname", "netns", "host_ifname", "device_info_file")
+    return {k: data[k] for k in names if isinstance(data.get(k), str) and data[k]}
 
 
 # File names stay readable for people debugging a node; past this length (a
@@ -167,8 +244,10 @@ class StateStore:
             private_dir(self.dir)
             self._dirs_checked = self._check_once
         final = self.path(att.owner)
-        tmp = final.with_suffix(f".tmp.{os.getpid()}")
-        tmp.unlink(missing_ok=True)  # a killed run's leftover with our pid (never followed)
+        # Unique per process and thread: the agent serves requests (two of them
+        # may be for one owner) from threads of one process.
+        tmp = final.with_suffix(f".tmp.{os.getpid()}.{threading.get_native_id()}")
+        tmp.unlink(missing_ok=True)  # a killed run's leftover with our ids (never followed)
         fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             with os.fdopen(fd, "w") as f:
@@ -180,11 +259,39 @@ class StateStore:
             tmp.unlink(missing_ok=True)
 
     def load(self, owner: Owner) -> Attachment | None:
+        """``owner``'s record, None if there is none; CorruptRecord if it is unreadable."""
         try:
-            data = json.loads(_read(self.path(owner)))
+            return _parse(self.path(owner))
         except FileNotFoundError:
             return None
-        return Attachment.from_json(data)
+
+    def corrupt(self) -> list[CorruptRecord]:
+        """Every record file that is no attachment (``__iter__`` skips them)."""
+        if not self.dir.is_dir():
+            return []
+        found = []
+        for p in sorted(self.dir.glob("*.json")):
+            try:
+                _parse(p)
+            except CorruptRecord as e:
+                found.append(e)
+            except FileNotFoundError:
+                continue
+        return found
+
+    def quarantine(self, bad: CorruptRecord) -> Path | None:
+        """Move an unreadable record aside (``attachments/quarantine/``), for people to read.
+
+        Returns where it went (None: already gone). Never deleted: it may
+        hold what an operator needs to release by hand.
+        """
+        qdir = private_dir(self.dir / "quarantine")
+        dest = qdir / f"{bad.path.name}.{time.time_ns()}"
+        try:
+            bad.path.replace(dest)
+        except FileNotFoundError:
+            return None
+        return dest
 
     def remove(self, owner: Owner) -> bool:
         try:
@@ -198,9 +305,27 @@ class StateStore:
             return
         for p in sorted(self.dir.glob("*.json")):
             try:
-                yield Attachment.from_json(json.loads(_read(p)))
-            except (OSError, ValueError, TypeError):
-                continue  # a torn or foreign file is not an attachment
+                yield _parse(p)
+            except (CorruptRecord, FileNotFoundError):
+                continue  # not an attachment (``corrupt()`` lists them), or gone since
+
+
+def _parse(path: Path) -> Attachment:
+    """The record at ``path``; FileNotFoundError if none, CorruptRecord if unreadable."""
+    try:
+        text = _read(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorruptRecord(path, f"{type(e).__name__}: {e}", {}) from e
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CorruptRecord(path, f"not JSON: {e}", {}) from e
+    try:
+        return Attachment.from_json(data)
+    except (ValueError, TypeError) as e:
+        raise CorruptRecord(path, str(e), _salvage(data)) from e
 
 
 def _read(path: Path) -> str:

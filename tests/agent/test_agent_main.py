@@ -364,3 +364,39 @@ def test_warm_socket_is_where_the_executable_looks(tmp_path: Path) -> None:
     moved = AgentConfig(node=NODE, state_dir=tmp_path, cni_bin_dir=tmp_path, artifact=None,
                         run_dir=tmp_path / "run")
     assert agent_main.warm_socket(moved) == tmp_path / "run" / "cni.sock"
+
+
+def test_a_release_that_keeps_failing_backs_off_and_is_given_up(
+    cfg: AgentConfig, kernel: FakeKernel
+) -> None:
+    # E.g. host-local's DEL on a read-only data dir: it fails the same way every pass.
+    att = add(kernel, cfg, "vm-gone", "c9")
+    age(StateStore(cfg.state_dir), att, 120)
+    now = [time.time()]
+    calls: list[str] = []
+
+    def failing(a: Attachment, k: Any) -> None:
+        calls.append(a.key)
+        raise NetkitError("IPAM plugin host-local DEL failed", "read-only file system")
+
+    agent = Agent(cfg, kernel=lambda: kernel, ethtool=FakeEthtool(), kube=FakeKube(),
+                  release=failing, clock=lambda: now[0])
+    report = agent.run_pass([POOL])
+    assert calls == [att.key] and report.released == ()
+    assert any("read-only file system" in p for p in report.problems)
+    agent.run_pass([POOL])
+    assert len(calls) == 1  # backing off: not retried on the very next pass
+    for _ in range(agent_main.MAX_RELEASE_ATTEMPTS + 3):
+        now[0] += agent_main._MAX_RELEASE_BACKOFF + 1
+        report = agent.run_pass([POOL])
+    assert len(calls) == agent_main.MAX_RELEASE_ATTEMPTS  # bounded, not forever
+    assert any("given up after" in p for p in report.problems)  # and said so every pass
+    assert StateStore(cfg.state_dir).load(att.owner) is not None  # kept for a DEL or operator
+
+
+def test_an_unreadable_record_is_reported_by_the_pass(cfg: AgentConfig, kernel: FakeKernel) -> None:
+    att = add(kernel, cfg, "vm-1", "c1")
+    StateStore(cfg.state_dir).path(att.owner).write_text("{torn")
+    report = make_agent(cfg, kernel, FakeKube(pods={"vm-1": pod("vm-1")})).run_pass([POOL])
+    expected = f"unreadable attachment record {att.key}.json"
+    assert any(p.startswith(expected) for p in report.problems)

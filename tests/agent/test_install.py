@@ -75,7 +75,7 @@ def test_same_content_from_another_copy_is_still_a_noop(tmp_path: Path, bin_dir:
     assert not inst.install(copy, bin_dir, version="0.1.0").changed
 
 
-def test_upgrade_switches_the_link_and_keeps_only_the_previous_version(
+def test_upgrade_switches_the_link_and_keeps_the_two_previous_versions(
     tmp_path: Path, bin_dir: Path
 ) -> None:
     v1 = inst.install(make_artifact(tmp_path / "a1", "v1"), bin_dir, version="0.1.0")
@@ -85,8 +85,12 @@ def test_upgrade_switches_the_link_and_keeps_only_the_previous_version(
     assert v1.version_dir.is_dir()
     v3 = inst.install(make_artifact(tmp_path / "a3", "v3"), bin_dir, version="0.3.0")
     assert run(bin_dir / "netkit") == "v3"
-    assert v3.removed == (v1.version_dir,)
-    assert entries(bin_dir) == {"netkit", v2.version_dir.name, v3.version_dir.name}
+    # ... and so does the one before: a cold plugin started at N-2 may still be running.
+    assert v3.removed == () and v1.version_dir.is_dir()
+    v4 = inst.install(make_artifact(tmp_path / "a4", "v4"), bin_dir, version="0.4.0")
+    assert v4.removed == (v1.version_dir,)
+    assert entries(bin_dir) == {"netkit", v2.version_dir.name, v3.version_dir.name,
+                                v4.version_dir.name}
 
 
 def test_changed_content_with_the_same_version_is_installed(tmp_path: Path, bin_dir: Path) -> None:

@@ -8,6 +8,7 @@ what survives a request, and shutting down.
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import json
 import os
@@ -63,7 +64,7 @@ class FakePlugin:
         structlog.get_logger("fake").info("fake plugin ran", own=inv.container_id)
         seen = {
             "container_id": inv.container_id,
-            "fault": commands._environ().get(commands.FAULT_ENV),
+            "fault": commands.fault_spec(),
             "delegate_path": commands._delegate_env(inv, "ADD")["PATH"],
         }
         with self.lock:
@@ -160,8 +161,9 @@ def test_a_request_from_another_netns_view_is_refused(agent: server.Server) -> N
 
 
 def test_concurrent_requests_each_see_only_their_own_environment_and_log(
-    agent: server.Server, plugin: FakePlugin, tmp_path: Path
+    agent: server.Server, plugin: FakePlugin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv(commands.FAULT_ENABLE_ENV, "1")  # an agent a test started for faults
     barrier = threading.Barrier(server.DEFAULT_WORKERS, timeout=20)
     plugin.gate = barrier.wait  # proves DEFAULT_WORKERS requests run at the same time
     n = 2 * server.DEFAULT_WORKERS
@@ -199,6 +201,21 @@ def test_concurrent_requests_each_see_only_their_own_environment_and_log(
     assert commands.request_environ.get(None) is None  # nothing leaked into this context
 
 
+def test_a_relayed_fault_is_ignored_unless_the_agents_own_environment_enables_faults(
+    agent: server.Server, plugin: FakePlugin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(commands.FAULT_ENABLE_ENV, raising=False)  # as in production
+    env = env_for(1, CNI_NETKIT_TEST_FAULT="created:kill", CNI_NETKIT_TEST_FAULTS="1")
+    assert relay(agent.path, env, conf()) is not None
+    assert [s["fault"] for s in plugin.seen] == [None]  # the request cannot switch it on
+
+    def in_the_agent() -> None:  # and no fault point fires for it
+        commands.request_environ.set(env)
+        commands.fault_point("created")
+
+    contextvars.Context().run(in_the_agent)
+
+
 def test_a_withdrawn_request_is_never_run(agent: server.Server, plugin: FakePlugin) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(str(agent.path))
@@ -222,16 +239,69 @@ def test_a_path_the_agent_sees_as_other_files_is_refused(
 
 def test_view_paths_are_what_the_request_makes_the_plugin_touch() -> None:
     env = env_for(1, CNI_PATH="/opt/cni/bin:/usr/lib/cni")
-    paths = server.view_paths(env, conf(
+    host_local = conf(
         stateDir="/var/lib/x", logFile="/var/log/netkit/n.log",
         runtimeConfig={"CNIDeviceInfoFile": "/run/devinfo/d.json"},
         ipam={"type": "host-local", "subnet": "10.0.0.0/8"},
-    ))
-    assert paths == ["/opt/cni/bin", "/usr/lib/cni", "/var/lib/x", "/var/log/netkit",
-                     "/run/devinfo", "/var/lib/cni/networks", "/sys/fs/bpf/cni-netkit"]
+    )
+    paths = server.view_paths(env, host_local)
+    assert paths == ["/var/lib/x", "/var/log/netkit", "/run/devinfo", "/var/lib/cni/networks",
+                     "/sys/fs/bpf/cni-netkit"]
     other_ipam = server.view_paths(env, conf(ipam={"type": "whereabouts"}))
     assert "/proc/self/ns/mnt" in other_ipam  # unknown IPAM state: same mount namespace only
-    assert server.view_paths(env, b"not json") == ["/opt/cni/bin", "/usr/lib/cni"]
+    assert server.view_paths(env, b"not json") == []
+    # CNI_PATH is where IPAM is found, and nothing else: without IPAM it is not looked at.
+    assert server.cni_path_dirs(env, host_local) == ["/opt/cni/bin", "/usr/lib/cni"]
+    assert server.cni_path_dirs(env, conf()) == []
+    assert server.cni_path_dirs(env, b"not json") == []
+
+
+def test_a_cni_path_the_agent_lacks_does_not_matter_without_ipam(
+    agent: server.Server, plugin: FakePlugin, tmp_path: Path
+) -> None:
+    # As shipped: the runtime says CNI_PATH=/opt/cni/bin, which the agent's
+    # container has only at /host/opt/cni/bin. A request without IPAM runs warm.
+    missing = tmp_path / "not-in-the-agent"
+    env = env_for(1, CNI_PATH=str(missing))
+    assert relay(agent.path, env, conf()) is not None
+    assert [s["container_id"] for s in plugin.seen] == ["c1"]
+
+
+def test_with_ipam_cni_path_is_translated_through_the_agents_bin_dirs(
+    sock_path: Path, plugin: FakePlugin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The host's /opt/cni/bin is the agent's /host/opt/cni/bin: one directory (one
+    # dev:inode, as a bind mount keeps it) that the agent does not have at the host's path.
+    host_bin = tmp_path / "not-in-the-agent" / "opt" / "cni" / "bin"
+    agent_bin = tmp_path / "host" / "opt" / "cni" / "bin"
+    agent_bin.mkdir(parents=True)
+    data = tmp_path / "ipam-data"
+    seen_paths: list[tuple[str, ...]] = []
+    real_run = plugin.run
+
+    def run(inv: Invocation, kernel: Any = None) -> Result | None:
+        seen_paths.append(inv.cni_path)
+        return real_run(inv, kernel)
+
+    monkeypatch.setattr(commands, "run", run)
+    ipam_conf = conf(pairing="pair",
+                     ipam={"type": "host-local", "subnet": "10.0.0.0/8", "dataDir": str(data)})
+    with server.Server(sock_path, bin_dirs=[str(agent_bin)]):
+        # The executable's view is not the agent's: only the bin dir maps, under another path.
+        env = env_for(1, CNI_PATH=f"{host_bin}")
+        lie = {str(host_bin): f"{host_bin}={client.ns_id(str(agent_bin))}"}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(sock_path))
+            s.sendall(client.request(env, ipam_conf))
+            assert _answer_view(s, lie=lie) == "R"
+            s.sendall(client.GO)
+            assert s.recv(1) in (client.ANSWER, client.BEAT)
+        # A CNI_PATH dir the agent cannot see anywhere: cold, since IPAM may be in it.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(sock_path))
+            s.sendall(client.request(env_for(2, CNI_PATH="/nowhere/bin"), ipam_conf))
+            assert _answer_view(s).startswith("N:CNI_PATH directory /nowhere/bin is not")
+    assert seen_paths == [(str(agent_bin),)]
 
 
 def test_a_request_with_another_pin_root_than_the_agent_is_refused(

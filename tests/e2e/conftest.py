@@ -135,6 +135,8 @@ def start_agent(directory: Path) -> AgentProc:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cni_netkit.agent.server", "--socket", str(sock)],
             cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL, stderr=err,
+            # Test agents honour the requests' fault points (production ones never do).
+            env={**os.environ, "CNI_NETKIT_TEST_FAULTS": "1"},
         )
     deadline = time.monotonic() + 300  # imports and warm-up take seconds in the VM
     while not sock.exists():

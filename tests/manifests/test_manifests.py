@@ -126,6 +126,14 @@ def test_daemonset_scheduling_and_updates() -> None:
     assert {"operator": "Exists"} in pod["tolerations"]
 
 
+def test_grace_period_outlasts_the_agents_wait_for_requests_in_flight() -> None:
+    from cni_netkit.agent import server  # noqa: PLC0415
+
+    pod = find("DaemonSet")["spec"]["template"]["spec"]
+    # close() waits CLOSE_TIMEOUT for committed requests; the kubelet SIGKILLs at the grace.
+    assert pod["terminationGracePeriodSeconds"] >= server.CLOSE_TIMEOUT + 10
+
+
 def test_agent_container_runs_the_agent_with_its_node_name() -> None:
     c = agent_container()
     assert c["image"] == AGENT_IMAGE
@@ -167,9 +175,12 @@ def test_agent_mounts_the_host_paths_it_needs() -> None:
         "/var/lib/cni/netkit",
         "/run/cni-netkit",
         "/sys",
+        "/var/lib/cni/networks",
     } <= host.keys()
-    # Paths the plugin writes into records (netns, state) are seen at the same place.
-    for same in ("/var/run/netns", "/var/lib/cni/netkit", "/run/cni-netkit"):
+    # Paths the plugin writes into records (netns, state) are seen at the same place; so is
+    # host-local's data dir, which the agent's GC releases addresses in (issue 11, item 2).
+    for same in ("/var/run/netns", "/var/lib/cni/netkit", "/run/cni-netkit",
+                 "/var/lib/cni/networks"):
         assert host[same]["mountPath"] == same
     # The installer (cni_netkit/agent/install.py) sees the bin dir at /host/opt/cni/bin.
     assert host["/opt/cni/bin"]["mountPath"] == "/host/opt/cni/bin"

@@ -53,6 +53,8 @@ class FakeKernel:
         self.foreign_in_use: set[int] = set()  # master queues bound by AF_XDP etc.
         self.fail: dict[str, Exception] = {}  # method name -> exception to raise once
         self.calls: list[str] = []
+        self.open_netns: set[str] = set()  # netns it would hold sockets in (links())
+        self.most_open_netns = 0
         self.support = KernelSupport("7.2.13", True, True, True)
         self.master = self._add(
             Link(next(self._index), master, None, "02:00:00:00:00:01", 1500, True, None,
@@ -106,6 +108,9 @@ class FakeKernel:
     def links(self, *, netns: str | None = None, kind: str | None = None) -> list[Link]:
         if netns is not None and netns not in self.netns:
             raise InvalidNetns(netns)
+        if netns is not None:  # what the real one holds open: sockets in that netns
+            self.open_netns.add(netns)
+            self.most_open_netns = max(self.most_open_netns, len(self.open_netns))
         return [link for link in self.links_in(netns) if kind is None or link.kind == kind]
 
     def create_netkit(
@@ -216,5 +221,8 @@ class FakeKernel:
         self._maybe_fail("ensure_netns_id")
         return self.nsids.setdefault((netns, target), len(self.nsids))
 
+    def forget_netns(self, netns: str) -> None:
+        self.open_netns.discard(netns)
+
     def close(self) -> None:
-        pass
+        self.open_netns.clear()

@@ -105,6 +105,23 @@ def test_hung_agent_that_still_accepts_is_given_up_after_the_ready_timeout(
         s.close()
 
 
+def test_a_slow_view_question_does_not_stretch_the_ready_timeout(fake_agent: Any) -> None:
+    # The agent asks its view question late, then never gives a verdict: the client's
+    # one bound covers the whole offer, not a fresh bound after the question.
+    ready_timeout = 1.0
+
+    def slow_view(conn: socket.socket) -> None:
+        time.sleep(0.7 * ready_timeout)
+        conn.sendall(client.VIEW + client.frame(client.env_block([("0", "/")])))
+        server._recv_block(conn, client.MAX_META)
+        time.sleep(3 * ready_timeout)  # no verdict
+
+    agent = fake_agent(slow_view)
+    started = time.monotonic()
+    assert relay(ENV, agent.path, ready_timeout=ready_timeout) is None
+    assert time.monotonic() - started < 1.5 * ready_timeout  # was 1.7 (0.7 + a whole 1.0)
+
+
 # --- once committed: what a lost agent means per command ---------------------------------
 
 

@@ -321,3 +321,69 @@ def test_injected_fault_undoes_the_add(kernel: FakeKernel, state: Path,
     with pytest.raises(commands.InjectedFault):
         commands.add(inv("ADD", state), kernel)
     assert kernel.links_in(POD) == [] and kernel.leased_master_queues() == {}
+
+
+def test_gc_waits_for_an_add_holding_the_masters_lock(kernel: FakeKernel, state: Path) -> None:
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from cni_netkit.plugin.lock import master_lock  # noqa: PLC0415
+
+    commands.add(inv("ADD", state), kernel)
+    held, released_at, deleted_at = threading.Event(), [0.0], [0.0]
+    real_delete = kernel.delete_link
+
+    def delete_link(index: int, *, netns: str | None = None) -> bool:
+        deleted_at[0] = time.monotonic()
+        return real_delete(index, netns=netns)
+
+    kernel.delete_link = delete_link  # type: ignore[method-assign]
+
+    def an_add_in_its_locked_section() -> None:
+        with master_lock(str(state), "eth0", 5):
+            held.set()
+            time.sleep(0.5)
+            released_at[0] = time.monotonic()
+
+    t = threading.Thread(target=an_add_in_its_locked_section)
+    t.start()
+    held.wait(5)
+    commands.gc(inv("GC", state, **{"cni.dev/valid-attachments": []}), kernel, kernel.netns)
+    t.join()
+    assert kernel.links_in(POD) == []
+    assert deleted_at[0] >= released_at[0] > 0  # torn down only once the ADD let go
+
+
+def test_gc_scans_one_netns_at_a_time(kernel: FakeKernel, state: Path) -> None:
+    for i in range(5):
+        kernel.add_netns(f"/p{i}")
+        commands.add(inv("ADD", state, cid=f"c{i}", netns=f"/p{i}"), kernel)
+    kernel.close()  # what ADD left open is not GC's
+    commands.gc(inv("GC", state, **{"cni.dev/valid-attachments": []}), kernel, kernel.netns)
+    assert kernel.most_open_netns <= 1 and kernel.open_netns == set()
+
+
+def test_gc_looks_only_at_named_netns_as_the_agent_without_host_pid_does(
+    tmp_path: Path,
+) -> None:
+    import subprocess  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    named = tmp_path / "netns"
+    named.mkdir()
+    (named / "pod-a").symlink_to("/proc/self/ns/net")  # our own: skipped
+    # A netns only a process holds: the cold plugin could see it, the agent cannot.
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "30"])
+    try:
+        for _ in range(100):
+            if Path(f"/proc/{holder.pid}/ns/net").stat().st_ino != Path(
+                    "/proc/self/ns/net").stat().st_ino:
+                break
+            time.sleep(0.05)
+        (named / "pod-b").symlink_to(f"/proc/{holder.pid}/ns/net")
+        assert list(commands._candidate_netns(str(named))) == [str(named / "pod-b")]
+        (named / "pod-b").unlink()
+        assert list(commands._candidate_netns(str(named))) == []  # not via /proc/<pid>
+    finally:
+        holder.kill()
+        holder.wait()

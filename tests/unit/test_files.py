@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from cni_netkit.errors import IOFailure
 from cni_netkit.plugin.files import private_dir
 from cni_netkit.plugin.lock import master_lock
-from cni_netkit.plugin.state import Attachment, Owner, StateStore
+from cni_netkit.plugin.state import Attachment, CorruptRecord, Owner, StateStore
 
 
 def mode(p: Path) -> int:
@@ -91,19 +92,20 @@ def test_records_are_written_and_read_never_through_a_symlink(tmp_path: Path) ->
     store.save(attachment(owner))
     victim = tmp_path / "victim"
     victim.write_text(json.dumps(attachment(Owner("afxdp", "forged", "net1")).to_json()))
-    # A symlink at the temporary name (our pid) is replaced, not written through.
-    tmp = store.path(owner).with_suffix(f".tmp.{os.getpid()}")
+    # A symlink at the temporary name (our pid and thread) is replaced, not written through.
+    tmp = store.path(owner).with_suffix(f".tmp.{os.getpid()}.{threading.get_native_id()}")
     tmp.symlink_to(victim)
     before = victim.read_text()
     store.save(attachment(owner))
     assert victim.read_text() == before
     assert not tmp.exists() and not tmp.is_symlink()
-    # A record replaced by a symlink is neither loaded nor listed.
+    # A record replaced by a symlink is neither loaded nor listed: it is a corrupt one.
     store.path(owner).unlink()
     store.path(owner).symlink_to(victim)
-    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+    with pytest.raises(CorruptRecord, match="Too many levels of symbolic links"):
         store.load(owner)
     assert list(store) == []
+    assert [c.path for c in store.corrupt()] == [store.path(owner)]
 
 
 @pytest.mark.parametrize("once", [False, True])
@@ -123,3 +125,30 @@ def test_a_store_rechecks_its_dirs_on_each_save_unless_it_serves_one_request(
     # a new store (the next request) checks again
     with pytest.raises(IOFailure, match="writable by group or others"):
         StateStore(state, check_dirs_once=True).save(attachment(Owner("afxdp", "c2", "net1")))
+
+
+def test_two_threads_saving_one_owners_record_never_remove_each_others_temp_file(
+    tmp_path: Path,
+) -> None:
+    # The agent serves requests from threads of one process: two for one owner at once.
+    store = StateStore(tmp_path / "state")
+    owner = Owner("afxdp", "c1", "net1")
+    store.save(attachment(owner))
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def saver() -> None:
+        start.wait()
+        for _ in range(300):
+            try:
+                store.save(attachment(owner))
+            except OSError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=saver) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert store.load(owner) == attachment(owner)

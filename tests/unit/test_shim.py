@@ -501,3 +501,52 @@ def test_no_stdin_at_all_is_relayed_as_an_empty_one(
                        check=False)
     assert (p.returncode, p.stdout) == (0, b"ok")
     assert agent.requests[0][2] == b""
+
+
+# realloc() refuses, once, to grow a buffer past LIMIT: a transient allocation failure at a
+# chosen point (the allocations after it succeed, so nothing else notices it).
+FAILING_REALLOC = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stddef.h>
+#include <stdlib.h>
+/* The shim only: the plugin it falls back to (exec) allocates as usual. */
+__attribute__((constructor)) static void only_here(void) { unsetenv("LD_PRELOAD"); }
+void *realloc(void *p, size_t n)
+{
+    static void *(*real)(void *, size_t);
+    if (!real)
+        real = (void *(*)(void *, size_t))dlsym(RTLD_NEXT, "realloc");
+    static int failed;
+    if (n > LIMIT && !failed) {
+        failed = 1;
+        errno = ENOMEM;
+        return NULL;
+    }
+    return real(p, n);
+}
+"""
+
+
+def test_a_failed_allocation_for_a_frame_header_falls_back_never_sends_a_torn_request(
+    shim: Path, plugin: Path, fake_agent: Any, tmp_path: Path
+) -> None:
+    limit = 8192
+    lib = tmp_path / "failing-realloc.so"
+    src = tmp_path / "failing-realloc.c"
+    src.write_text(FAILING_REALLOC)
+    subprocess.run([compiler(), "-shared", "-fPIC", f"-DLIMIT={limit}", "-o", str(lib),
+                    str(src), "-ldl"], check=True)
+    agent = fake_agent(answer(b"{}\n"))
+    env = {**agent.env(), "CNI_NETKIT_PLUGIN_EXE": str(plugin), "CNI_PAD": ""}
+    # Pad the env block so that it ends exactly at the buffer's 8 KiB: the next
+    # frame's 4-byte header is the allocation that fails.
+    block = 8 + sum(len(k) + len(v) + 2 for k, v in env.items()
+                    if k.startswith("CNI_") or k == "PATH")
+    env["CNI_PAD"] = "x" * (limit - block)
+    got = run(shim, {**env, "LD_PRELOAD": str(lib)})
+    assert got.fell_back  # the plugin ran here, as for any agent it cannot use
+    (note,) = got.notes()
+    assert note["reason"] == "agent unusable: out of memory"
+    assert agent.requests == []  # nothing half-built went out
