@@ -642,7 +642,12 @@ def _delegate_env(
     """The environment a delegated plugin sees: ours, rebuilt from the invocation.
 
     Built from the invocation (and the request's PATH) rather than os.environ,
-    so the same code serves requests relayed by the node agent.
+    so the same code serves requests relayed by the node agent.  CNI_ARGS is
+    the runtime's string, verbatim (libcni's delegation passes it on as is):
+    rebuilt from our known keys it lost ``IgnoreUnknown=1`` (host-local then
+    refuses the ``K8S_POD_*`` keys: "999 ARGS: unknown args") and ``IP=``.
+    The config's ``args.cni`` never goes there: the delegate reads it from the
+    config on its stdin, and a NAD author's ``"x;K=V"`` cannot add keys.
     """
     env = {
         "CNI_COMMAND": command,
@@ -652,8 +657,8 @@ def _delegate_env(
         "CNI_PATH": ":".join(inv.cni_path),
         "PATH": _environ().get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
     }
-    if inv.args:
-        env["CNI_ARGS"] = ";".join(f"{k}={v}" for k, v in inv.args.items())
+    if inv.runtime_cni_args:
+        env["CNI_ARGS"] = inv.runtime_cni_args
     return env
 
 
