@@ -390,6 +390,10 @@ class Invocation:
     config: NetConf
     raw: dict[str, Any]  # stdin as received, for delegated (IPAM) plugins
     mac: str | None = None  # requested MAC: runtimeConfig.mac > args.cni.mac > CNI_ARGS MAC
+    # CNI_ARGS exactly as the runtime sent it, for delegated plugins: they judge
+    # their own keys (host-local's IP=) under the runtime's IgnoreUnknown, so
+    # nothing of ours is added or dropped.  ``args`` is our reading of it.
+    runtime_cni_args: str = ""
 
     @property
     def pod_namespace(self) -> str | None:
@@ -438,6 +442,7 @@ def parse_invocation(environ: Mapping[str, str], stdin: bytes) -> Invocation:
         config=config,
         raw=raw,
         mac=config.mac or env_mac,
+        runtime_cni_args=environ.get("CNI_ARGS", ""),
     )
 
 

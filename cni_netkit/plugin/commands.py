@@ -454,11 +454,14 @@ def status(inv: Invocation, kernel: KernelAPI) -> None:
         raise NotAvailable(f"master {cfg.master} reports no queues (down?)", str(e)) from e
     free = free_queues(cfg.queues, {q.id for q in rx}, {q.id for q in rx if q.in_use})
     if len(free) < cfg.queues_per_attachment:
-        raise NotAvailable(
-            f"no free queue in the pool of {cfg.master}",
-            f"{len(free)} free, {cfg.queues_per_attachment} needed per attachment, "
-            f"pool {format_pool(cfg.queues)}",
-        )
+        # Capacity, not readiness: an exhausted pool is the pool doing its job
+        # (the agent's extended resource keeps the scheduler from over-committing
+        # it, and ADD answers 100 to anything past it). containerd >= 2.0 turns
+        # a STATUS failure of the default network's list into NetworkReady=false,
+        # i.e. the node going NotReady and its pods evicted: never for this.
+        log.warning("pool exhausted; STATUS still ready (docs/kubernetes.md)",
+                    master=cfg.master, free=len(free), needed=cfg.queues_per_attachment,
+                    pool=format_pool(cfg.queues))
     afxdp.status(cfg)
 
 
@@ -763,7 +766,12 @@ def _delegate_env(
     """The environment a delegated plugin sees: ours, rebuilt from the invocation.
 
     Built from the invocation (and the request's PATH) rather than os.environ,
-    so the same code serves requests relayed by the node agent.
+    so the same code serves requests relayed by the node agent.  CNI_ARGS is
+    the runtime's string, verbatim (libcni's delegation passes it on as is):
+    rebuilt from our known keys it lost ``IgnoreUnknown=1`` (host-local then
+    refuses the ``K8S_POD_*`` keys: "999 ARGS: unknown args") and ``IP=``.
+    The config's ``args.cni`` never goes there: the delegate reads it from the
+    config on its stdin, and a NAD author's ``"x;K=V"`` cannot add keys.
     """
     env = {
         "CNI_COMMAND": command,
@@ -773,8 +781,8 @@ def _delegate_env(
         "CNI_PATH": ":".join(inv.cni_path),
         "PATH": _environ().get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
     }
-    if inv.args:
-        env["CNI_ARGS"] = ";".join(f"{k}={v}" for k, v in inv.args.items())
+    if inv.runtime_cni_args:
+        env["CNI_ARGS"] = inv.runtime_cni_args
     return env
 
 

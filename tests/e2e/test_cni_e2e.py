@@ -189,8 +189,9 @@ def test_sixteen_concurrent_adds_get_distinct_queues_and_17th_is_exhausted(
         assert nic.name in err["msg"] and "1-16" in err["details"]
         assert netkit_links(pods[16]) == []
 
+        # Exhausted is capacity, not readiness (containerd would mark the node NotReady).
         status = runtime("STATUS", conf)
-        assert status.json["code"] == 50
+        assert status.code == 0 and status.stdout == "", status.stdout
     finally:
         nic.remove()
 

@@ -261,9 +261,10 @@ def test_check_reports_wrong_mac_and_missing_device(kernel: FakeKernel, state: P
 def test_status_ready_full_and_degraded(kernel: FakeKernel, state: Path) -> None:
     commands.status(inv("STATUS", state, queues=[8]), kernel)
     commands.add(inv("ADD", state, queues=[8]), kernel)
-    with pytest.raises(NotAvailable) as e:
-        commands.status(inv("STATUS", state, queues=[8]), kernel)
-    assert e.value.code == 50
+    # Exhausted is still ready: containerd would take the node out of service.
+    commands.status(inv("STATUS", state, queues=[8]), kernel)
+    with pytest.raises(PoolExhausted):
+        commands.add(inv("ADD", state, cid="c2", ifname="net2", queues=[8]), kernel)
     with pytest.raises(Degraded) as d:
         commands.status(inv("STATUS", state, master="eth0", queues=[8]).__class__(
             **{**inv("STATUS", state, queues=[8]).__dict__}), _without_master(kernel))
