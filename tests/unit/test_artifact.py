@@ -165,9 +165,9 @@ def test_errors_come_back_as_cni_json(installed: Path) -> None:
 def test_dockerfile_builds_with_the_tested_script_and_installs_where_the_agent_looks() -> None:
     from cni_netkit.agent.main import AgentConfig  # noqa: PLC0415 - only this test needs it
 
+    # A static check on every run of scripts/test; scripts/test-image builds the image for real.
     dockerfile = (REPO / "Dockerfile").read_text()
-    assert "RUN scripts/build-artifact /out/artifact" in dockerfile
-    assert "COPY scripts/build-shim scripts/build-shim" in dockerfile  # build-artifact runs it
+    assert "scripts/build-artifact /out/artifact\n" in dockerfile
     assert f"COPY --from=builder /out/artifact {AgentConfig(node='n').artifact}" in dockerfile
     # Every path the Dockerfile copies from the context is let through .dockerignore.
     allowed = {
@@ -182,3 +182,4 @@ def test_dockerfile_builds_with_the_tested_script_and_installs_where_the_agent_l
         for src in line.split()[1:-1]
     }
     assert copied <= allowed, copied - allowed
+    assert "scripts/build-shim" in copied  # build-artifact runs it
