@@ -18,6 +18,7 @@ loopback netdevsim on the TX queue whose frames its RX queue receives.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -27,8 +28,9 @@ from pathlib import Path
 
 import pytest
 
+from cni_netkit.kernel import xsk
 from tests.e2e.conftest import Nic
-from tests.kernel.xsk_support import FRAME
+from tests.kernel.xsk_support import FRAME, XDP_REDIRECT
 
 # KubeVirt's qemu user and group, which virt-launcher runs QEMU as.
 WORKLOAD_UID = WORKLOAD_GID = 107
@@ -174,3 +176,61 @@ def send_on_rx_queue(nic: Nic, rx_queue: int, frames: Iterable[bytes]) -> int:
 
 def loopback(nic: Nic) -> None:
     subprocess.run(["ethtool", "-K", nic.name, "loopback", "on"], check=True)
+
+
+# --- QEMU -------------------------------------------------------------------------------
+
+QEMU = "usr/bin/qemu-system-x86_64"
+# QEMU's af-xdp UMEM per queue: (2048 + 2048) * 2 frames of 4096 bytes
+# (net/af-xdp.c, af_xdp_umem_create), charged to the user's locked memory.
+QEMU_UMEM = 8192 * 4096
+
+
+@dataclass
+class Qemu:
+    proc: subprocess.Popen[bytes]
+    sink: FrameSink
+    log: Path
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(60)
+        self.sink.close()
+        return rc
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_qemu(netns: str, qemu_netdev: str, *, memlock: int) -> Qemu:
+    """QEMU with ``-netdev af-xdp,id=xdp0,<qemu_netdev>`` hubbed to a dgram socket we read.
+
+    Without a guest there is no multi-queue NIC to peer with: the hub takes
+    the af-xdp netdev's first queue, and frames QEMU reads from any other
+    queue have no peer to go to (QEMU warns "netdev xdp0 has no peer").
+    """
+    d = workload_dir()
+    sink = FrameSink(d / "frames.sock")
+    argv = sid_program(
+        "qemu", QEMU, "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none",
+        "-netdev", f"af-xdp,id=xdp0,{qemu_netdev}",
+        "-netdev", f"dgram,id=out,local.type=unix,local.path={d}/qemu.sock,"
+                   f"remote.type=unix,remote.path={sink.path}",
+        "-netdev", "hubport,id=p0,hubid=0,netdev=xdp0",
+        "-netdev", "hubport,id=p1,hubid=0,netdev=out",
+    )
+    log = d / "qemu.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(workload(netns, argv, memlock=memlock), stdout=out, stderr=out)
+    return Qemu(proc, sink, log)
+
+
+def wait_for_sockets(qemu: Qemu, master: str, queues: list[int], timeout: float = 120) -> None:
+    """Until the program redirects every one of ``queues``: QEMU's sockets are in the map."""
+    deadline = time.monotonic() + timeout
+    while not all(xsk.verdict(master, q, FRAME) == XDP_REDIRECT for q in queues):
+        assert qemu.proc.poll() is None, f"QEMU exited {qemu.proc.returncode}:\n{qemu.output}"
+        assert time.monotonic() < deadline, f"QEMU's sockets never arrived:\n{qemu.output}"
+        time.sleep(0.2)

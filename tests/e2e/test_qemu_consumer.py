@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import collections
 import json
-import signal
 import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,30 +24,25 @@ from cni_netkit.kernel import xsk
 from tests.e2e.conftest import Nic, Runtime, leased_queues, netkit_links
 from tests.e2e.consumers import (
     CAP_NET_RAW,
+    QEMU_UMEM,
     RUNTIME_MEMLOCK,
     WORKLOAD_GID,
     WORKLOAD_OWNER,
     WORKLOAD_UID,
-    FrameSink,
     loopback,
     privileges,
     send_on_rx_queue,
-    sid_program,
+    start_qemu,
     tag,
     tagged,
-    workload,
-    workload_dir,
+    wait_for_sockets,
 )
-from tests.kernel.xsk_support import FRAME, XDP_PASS, XDP_REDIRECT, bpf_object, private_root
+from tests.kernel.xsk_support import FRAME, XDP_PASS, bpf_object, private_root
 
 pytestmark = pytest.mark.kernel
 
 FRAMES_PER_QUEUE = 50
 QPA = 1
-QEMU = "usr/bin/qemu-system-x86_64"
-# QEMU's af-xdp UMEM per queue: (2048 + 2048) * 2 frames of 4096 bytes
-# (net/af-xdp.c, af_xdp_umem_create), charged to the user's locked memory.
-QEMU_UMEM = 8192 * 4096
 
 
 @pytest.fixture
@@ -70,51 +62,6 @@ def steered(nic: Nic, root: Path) -> Nic:
 
 def k8s_args(pod: str) -> str:
     return f"K8S_POD_NAMESPACE=vms;K8S_POD_NAME={pod};K8S_POD_UID=uid-{pod}"
-
-
-@dataclass
-class Qemu:
-    proc: subprocess.Popen[bytes]
-    sink: FrameSink
-    log: Path
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(60)
-        self.sink.close()
-        return rc
-
-    @property
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start_qemu(netns: str, qemu_netdev: str, *, memlock: int) -> Qemu:
-    """QEMU with ``-netdev af-xdp,id=xdp0,<qemu_netdev>`` hubbed to a dgram socket we read."""
-    d = workload_dir()
-    sink = FrameSink(d / "frames.sock")
-    argv = sid_program(
-        "qemu", QEMU, "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none",
-        "-netdev", f"af-xdp,id=xdp0,{qemu_netdev}",
-        "-netdev", f"dgram,id=out,local.type=unix,local.path={d}/qemu.sock,"
-                   f"remote.type=unix,remote.path={sink.path}",
-        "-netdev", "hubport,id=p0,hubid=0,netdev=xdp0",
-        "-netdev", "hubport,id=p1,hubid=0,netdev=out",
-    )
-    log = d / "qemu.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(workload(netns, argv, memlock=memlock), stdout=out, stderr=out)
-    return Qemu(proc, sink, log)
-
-
-def wait_for_sockets(qemu: Qemu, master: str, queues: list[int], timeout: float = 120) -> None:
-    """Until the program redirects every one of ``queues``: QEMU's sockets are in the map."""
-    deadline = time.monotonic() + timeout
-    while not all(xsk.verdict(master, q, FRAME) == XDP_REDIRECT for q in queues):
-        assert qemu.proc.poll() is None, f"QEMU exited {qemu.proc.returncode}:\n{qemu.output}"
-        assert time.monotonic() < deadline, f"QEMU's sockets never arrived:\n{qemu.output}"
-        time.sleep(0.2)
 
 
 def xdp_sockets(netns: str) -> str:
