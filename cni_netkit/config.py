@@ -158,6 +158,16 @@ def _absolute_path(path: str) -> str:
     return path
 
 
+def _uid_gid(value: str) -> str:
+    # Numeric only: the node's names mean nothing inside the pod (KubeVirt's qemu is 107).
+    uid, sep, gid = value.partition(":")
+    if not (sep and uid.isdecimal() and gid.isdecimal() and uid.isascii() and gid.isascii()):
+        raise ValueError(f'must be "<uid>:<gid>" in numbers, got {_short(value)}')
+    if max(int(uid), int(gid)) >= 2**32 - 1:  # (u32)-1 means "no change" to chown
+        raise ValueError(f"uid and gid must be below {2**32 - 1}, got {_short(value)}")
+    return value
+
+
 def _supported_version(version: str) -> str:
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(f"{version!r} is not one of {', '.join(SUPPORTED_VERSIONS)}")
@@ -285,6 +295,9 @@ class NetConf(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     state_dir: AbsolutePath = DEFAULT_STATE_DIR
     lock_timeout: Annotated[StrictFloat, Field(gt=0, le=300)] = 10.0  # seconds
+    # Who may open the attachment's pinned XSK map (docs/af_xdp.md): "<uid>:<gid>"
+    # of the pod's AF_XDP workload; unset, root only.
+    xsk_map_owner: Annotated[StrictStr, AfterValidator(_uid_gid)] | None = None
     runtime_config: RuntimeConfig = RuntimeConfig()
     capabilities: dict[str, StrictBool] = {}
     prev_result: dict[str, Any] | None = None  # parse with result.Result.from_prev
@@ -333,6 +346,14 @@ class NetConf(BaseModel):
                 'use mode "l2" or drop the MAC'
             )
         return self
+
+    @property
+    def map_owner(self) -> tuple[int, int] | None:
+        """``xskMapOwner`` as (uid, gid)."""
+        if self.xsk_map_owner is None:
+            return None
+        uid, _, gid = self.xsk_map_owner.partition(":")
+        return int(uid), int(gid)
 
     @property
     def mac(self) -> str | None:

@@ -312,11 +312,14 @@ def verdict(master: str, rx_queue: int, frame: bytes, *, root: Path | None = Non
 # --- attachment maps (CNI plugin) -----------------------------------------------------
 
 
-def create_map(path: Path) -> XskMap:
+def create_map(path: Path, *, owner: tuple[int, int] | None = None) -> XskMap:
     """A new XSK map of ``XSK_SLOTS`` entries pinned at ``path`` (parents made).
 
     A pin already there is replaced: the path is derived from the attachment's
     owner, so it can only be the leftover of an earlier ADD of the same owner.
+    The pin is mode 0600: with ``owner`` (uid, gid) it belongs to that user,
+    who can then open it (BPF_OBJ_GET checks the file's permissions, nothing
+    else) and put sockets in the map without CAP_BPF; otherwise to root.
     """
     fd = bpf.map_create(bpf.BPF_MAP_TYPE_XSKMAP, "cnk_xsks", 4, 4, XSK_SLOTS)
     with _fd(fd):
@@ -330,6 +333,9 @@ def create_map(path: Path) -> XskMap:
             except (NotFound, FileNotFoundError):
                 if attempt:
                     raise
+        path.chmod(0o600)  # whatever the caller's umask made of bpffs' 0600
+        if owner is not None:
+            os.chown(path, *owner)
         return XskMap(str(path), bpf.map_info(fd).id)
 
 

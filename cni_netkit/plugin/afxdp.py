@@ -149,7 +149,7 @@ def wire(cfg: NetConf, att: Attachment, undo: ExitStack) -> Attachment:
     root = bpffs.bpf_root()
     path = pin_path(root, att.owner, att.pod_namespace, att.pod_name)
     with master_lock(cfg.state_dir, att.master, cfg.lock_timeout):
-        xsk_map = xsk.create_map(path)
+        xsk_map = xsk.create_map(path, owner=cfg.map_owner)
         undo.callback(_quietly, "unpin XSK map", lambda: xsk.remove_map(path, prune_below=root))
         xsk.wire(att.master, xsk_map, slots(att.queues))
         undo.callback(_quietly, "unwire XSK map", _unwire, cfg, att.master,

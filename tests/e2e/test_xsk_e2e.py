@@ -12,7 +12,6 @@ to its netkit queue, as QEMU's would be.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from cni_netkit.plugin import commands
 from cni_netkit.plugin.state import StateStore
 from cni_netkit.result import Result
 from tests.e2e.conftest import Nic, Runtime, netkit_links
+from tests.e2e.consumers import send_on_rx_queue
 from tests.kernel.xsk_receiver import XskReceiver
 from tests.kernel.xsk_support import (
     FRAME,
@@ -118,22 +118,6 @@ def test_add_check_del_through_the_executable(
     assert outer_map(pins(root, steered) / "xsk_maps") == {}
 
 
-def send_on_rx_queue(nic: Nic, rx_queue: int, frame: bytes) -> None:
-    """Send ``frame`` out of the loopback netdevsim so that it is received on ``rx_queue``.
-
-    netdevsim delivers a frame sent on TX queue t to its own RX queue t, and
-    the kernel's generic XDP reads the RX queue from the skb's queue mapping,
-    which is one higher: the program sees queue t - 1. XPS picks the TX queue
-    (the VM has one CPU).
-    """
-    for tx in range(nic.queues):
-        xps = Path(f"/sys/class/net/{nic.name}/queues/tx-{tx}/xps_cpus")
-        xps.write_text("1" if tx == rx_queue + 1 else "0")
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
-        s.bind((nic.name, 0))
-        s.send(frame)
-
-
 def tagged(tag: str) -> bytes:
     return FRAME[:14] + tag.encode() + FRAME[14 + len(tag):]
 
@@ -163,8 +147,8 @@ def test_each_pod_receives_only_its_own_queues_frames(
     # Pod B puts its socket into every index of its own map: the only map it has.
     for index in range(xsk.XSK_SLOTS):
         xsk.insert_socket(nk_b["mapPath"], index, rx_b.fileno())
-    send_on_rx_queue(steered, qa, tagged("to-pod-a"))
-    send_on_rx_queue(steered, qb, tagged("to-pod-b"))
+    send_on_rx_queue(steered, qa, [tagged("to-pod-a")])
+    send_on_rx_queue(steered, qb, [tagged("to-pod-b")])
 
     assert payloads(rx_a) == [b"to-pod-a"]
     assert payloads(rx_b) == [b"to-pod-b"]
@@ -172,7 +156,7 @@ def test_each_pod_receives_only_its_own_queues_frames(
     # Once A is deleted its queue is no longer steered: frames go to the stack.
     call("DEL", conf, container_id="c-a", netns=netns_a, cni_args=k8s_args("vm-a"))
     assert xsk.verdict(steered.name, qa, FRAME) == XDP_PASS
-    send_on_rx_queue(steered, qa, tagged("afterdel"))
+    send_on_rx_queue(steered, qa, [tagged("afterdel")])
     assert payloads(rx_a) == [] and payloads(rx_b) == []
 
 

@@ -699,3 +699,15 @@ def test_queues_outside_the_admins_pool_are_refused_and_named() -> None:
 def test_a_malformed_masters_setting_allows_nothing(masters: str) -> None:
     env = {**ADD_ENV, "CNI_NETKIT_MASTERS": masters.format(m=BASE["master"])}
     assert rejected(7, env=env).msg.startswith("master ")
+
+
+def test_xsk_map_owner_is_numeric_uid_and_gid() -> None:
+    assert parse().config.map_owner is None
+    assert parse(xskMapOwner="107:107").config.map_owner == (107, 107)
+    assert parse(xskMapOwner="0:0").config.map_owner == (0, 0)
+
+
+@pytest.mark.parametrize("value", ["107", "qemu:qemu", "107:", ":107", "-1:107", "107:107:1",
+                                   "4294967295:0", "\u0661\u0660\u0667:107", 107])
+def test_xsk_map_owner_rejects_anything_but_uid_colon_gid(value: object) -> None:
+    assert rejected(7, xskMapOwner=value).details.startswith("xskMapOwner: ")

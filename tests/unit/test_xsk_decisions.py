@@ -119,8 +119,9 @@ class Bpffs:
         self.calls: list[tuple[str, Any]] = []
         self.wired: dict[int, Wiring] = {}
 
-    def create_map(self, path: Path) -> XskMap:
-        self.calls.append(("create_map", str(path)))
+    def create_map(self, path: Path, *, owner: tuple[int, int] | None = None) -> XskMap:
+        self.calls.append(("create_map", str(path)) if owner is None
+                          else ("create_map", str(path), owner))
         return XskMap(str(path), 40)
 
     def wire(self, master: str, xsk_map: XskMap, slots: Any, *, root: Any = None) -> None:
@@ -173,6 +174,14 @@ def test_add_on_a_steered_master_records_and_returns_the_map(
     assert (out["mapPath"], out["mapStartIndex"]) == (str(path), 1)
     att = StateStore(tmp_path / "state").load(OWNER)
     assert att is not None and att.extra[afxdp.MAP_ID] == 40
+
+
+def test_add_gives_the_pin_to_the_configured_xsk_map_owner(
+    bpffs: Bpffs, kernel: FakeKernel, tmp_path: Path
+) -> None:
+    commands.add(add_inv(tmp_path / "state", xskMapOwner="107:107"), kernel)
+    path = tmp_path / "bpf" / "pods" / "vms" / "vm-a" / "afxdp:c1:net1"
+    assert bpffs.calls[0] == ("create_map", str(path), (107, 107))
 
 
 def test_add_failing_after_the_wiring_unwires_and_unpins(
