@@ -161,7 +161,7 @@ def shell_programs(text: str) -> set[str]:
         if re.match(r"^\s*#", command):
             continue
         # Command substitutions, including those inside double quotes.
-        words = re.findall(r"\$\(\s*([A-Za-z_][\w.+-]*)", command)
+        words = re.findall(r"\$\(\s*([A-Za-z_][\w./+-]*)", command)
         line = command
         for pattern, replacement in _NOT_COMMANDS:
             line = pattern.sub(replacement, line)
