@@ -8,7 +8,8 @@ The pause image is built here (busybox, as an OCI archive) and imported with
 plugin is served by the session's node agent (``warm_agent``), as on a
 Kubernetes node. What it did is read back from the kernel (queue-get on the
 netdevsim master, link dumps of the sandbox's netns), from host-local's files
-and from our attachment records.
+and from our attachment records. The module adds ~85 s to the VM suite (both
+containerds started once each).
 """
 
 from __future__ import annotations
