@@ -86,7 +86,7 @@ class NetkitQueue:
 
 @dataclass(frozen=True)
 class NetkitResult:
-    """Our ``netkit`` result key: what was leased, and how to hand it to QEMU's af-xdp netdev."""
+    """Our ``netkit`` result key: what was leased, and how to hand it to an AF_XDP consumer."""
 
     master: str
     pairing: str
@@ -97,25 +97,63 @@ class NetkitResult:
     # there, when the master has AF_XDP steering (docs/af_xdp.md).
     map_path: str | None = None
     map_start_index: int | None = None
+    # With a map: how the kernel will bind the consumer's sockets, "zerocopy" when
+    # the master's xdp-features (netdev dev-get) have xsk-zerocopy, else "copy".
+    # Neither consumer's arguments force a mode, so the same ones work on both.
+    xsk_mode: str | None = None
 
     @property
-    def qemu_netdev(self) -> str:
-        """The ``-netdev af-xdp`` arguments for these queues.
+    def first_queue(self) -> int:
+        return min((q.id for q in self.queues), default=1)
 
-        ``ifname=<if>,queues=<N>,start-queue=<first id>``; with an XSK map,
+    @property
+    def qemu_netdev(self) -> str | None:
+        """The ``-netdev af-xdp`` arguments for these queues; None without a map.
+
         ``ifname=…,mode=native,queues=…,start-queue=…,inhibit=on,map-path=…,
         map-start-index=…``: QEMU loads no XDP program (a netkit refuses one)
         and puts its sockets into the map the master's program redirects to.
+        Without a map nothing steers the queues' frames to a socket: QEMU would
+        load its own program on the netkit (natively refused, then generic,
+        where it never sees a frame of the leased queues), so there is nothing
+        to hand out (``afxdp_unavailable`` says why).
         """
-        first = min((q.id for q in self.queues), default=1)
-        ifname = _qemu_value(self.interface)
         if self.map_path is None:
-            return f"ifname={ifname},queues={len(self.queues)},start-queue={first}"
-        start = first if self.map_start_index is None else self.map_start_index
+            return None
+        start = self.first_queue if self.map_start_index is None else self.map_start_index
         return (
-            f"ifname={ifname},mode=native,queues={len(self.queues)},start-queue={first},"
-            f"inhibit=on,map-path={_qemu_value(self.map_path)},map-start-index={start}"
+            f"ifname={_qemu_value(self.interface)},mode=native,queues={len(self.queues)},"
+            f"start-queue={self.first_queue},inhibit=on,map-path={_qemu_value(self.map_path)},"
+            f"map-start-index={start}"
         )
+
+    @property
+    def dpdk_vdev(self) -> str | None:
+        """DPDK's ``--vdev`` for an AF_XDP port on these queues; None without a map.
+
+        The PMD inserts queue i's socket at index ``start_queue + i`` of the
+        pinned map (libxdp keys it by queue id), which is where the program
+        looks. ``busy_budget=0``: preferred busy polling needs CAP_NET_ADMIN.
+        DPDK's devargs cannot quote a comma: None when a value holds one.
+        """
+        if self.map_path is None or "," in self.interface + self.map_path:
+            return None
+        return (
+            f"net_af_xdp0,iface={self.interface},start_queue={self.first_queue},"
+            f"queue_count={len(self.queues)},use_pinned_map=1,dp_path={self.map_path},"
+            "busy_budget=0"
+        )
+
+    @property
+    def afxdp_unavailable(self) -> str | None:
+        """Why an AF_XDP consumer cannot receive these queues' frames (None: it can)."""
+        if self.map_path is not None:
+            return None
+        if self.pairing == "pair":
+            return "the kernel refuses AF_XDP on a netkit pair"
+        return (f"master {self.master} has no cni-netkit XDP program: nothing steers its "
+                "queues' frames to AF_XDP sockets (a lease for io_uring zero-copy, or for "
+                "an application that brings its own steering)")
 
 
 def _qemu_value(value: str) -> str:
@@ -286,11 +324,17 @@ def _encode_netkit(nk: NetkitResult) -> dict[str, Any]:
         "mode": nk.mode,
         "interface": nk.interface,
         "queues": [{"id": q.id, "masterQueue": q.master_queue} for q in nk.queues],
-        "qemuNetdev": nk.qemu_netdev,
     }
     if nk.map_path is not None:
+        out["qemuNetdev"] = nk.qemu_netdev
+        if nk.dpdk_vdev is not None:
+            out["dpdkVdev"] = nk.dpdk_vdev
         out["mapPath"] = nk.map_path
         out["mapStartIndex"] = nk.map_start_index
+        if nk.xsk_mode is not None:
+            out["xskMode"] = nk.xsk_mode
+    else:
+        out["afxdpUnavailable"] = nk.afxdp_unavailable
     return out
 
 
@@ -447,6 +491,7 @@ class _Decoder:
             map_path=self.text(o.get("mapPath"), f"{path}.mapPath") or None,
             map_start_index=self.integer(o.get("mapStartIndex"), f"{path}.mapStartIndex",
                                          minimum=0),
+            xsk_mode=self.text(o.get("xskMode"), f"{path}.xskMode") or None,
         )
 
 

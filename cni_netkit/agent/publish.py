@@ -186,9 +186,10 @@ def lease_entry(att: Attachment) -> dict[str, Any]:
 
     ``queues`` are the netkit's queue ids (what AF_XDP binds to inside the
     pod), ``masterQueues`` the physical ones they proxy, index by index.
-    ``qemuNetdev`` (the ``-netdev af-xdp`` arguments) only for ``single``
-    pairing: the kernel refuses AF_XDP on a netkit pair. ``mapPath`` and
-    ``mapStartIndex`` when the attachment has a pinned XSK map.
+    ``qemuNetdev`` (the ``-netdev af-xdp`` arguments) and ``dpdkVdev`` (DPDK's
+    ``--vdev``), ``mapPath`` and ``mapStartIndex`` when the attachment has a
+    pinned XSK map: without one nothing steers the queues' frames to an AF_XDP
+    socket (the CNI result's ``afxdpUnavailable`` says why).
     """
     leased = sorted(att.queues, key=lambda q: q.netkit_queue)
     entry: dict[str, Any] = {
@@ -199,8 +200,10 @@ def lease_entry(att: Attachment) -> dict[str, Any]:
         "masterQueues": [q.master_queue for q in leased],
         "mac": att.mac,
     }
-    if att.pairing == "single":
-        entry["qemuNetdev"] = att.qemu_netdev
+    nk = att.netkit
+    for name, value in (("qemuNetdev", nk.qemu_netdev), ("dpdkVdev", nk.dpdk_vdev)):
+        if value is not None:
+            entry[name] = value
     # The XSK map QEMU's inhibit=on mode inserts its sockets into, once the
     # plugin pins one per attachment (a field or an ``extra`` key of the record).
     for key, name in (("map_path", "mapPath"), ("map_start_index", "mapStartIndex")):

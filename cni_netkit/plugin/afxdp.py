@@ -61,6 +61,7 @@ log = structlog.get_logger("cni_netkit.plugin")
 MAP_PATH = "map_path"
 MAP_START_INDEX = "map_start_index"
 MAP_ID = "map_id"
+XSK_MODE = "xsk_mode"
 
 # Kubernetes namespace and pod names (DNS-1123 subdomain): safe as path components.
 _K8S_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
@@ -129,11 +130,19 @@ def dead_slots(wired: Iterable[int], leased: Iterable[int]) -> list[int]:
 # --- ADD -------------------------------------------------------------------------------
 
 
-def wire(cfg: NetConf, att: Attachment, undo: ExitStack) -> Attachment:
+def xsk_mode(xdp_features: Iterable[str]) -> str:
+    """How the kernel binds a socket that asks for no mode (QEMU's, DPDK's) on a netkit
+    queue leased from a master with these xdp-features: zero-copy needs the master's."""
+    return "zerocopy" if "xsk-zerocopy" in xdp_features else "copy"
+
+
+def wire(cfg: NetConf, att: Attachment, undo: ExitStack, kernel: KernelAPI,
+         master_ifindex: int) -> Attachment:
     """Create, pin and wire the attachment's XSK map; the attachment with it recorded.
 
     Pushes its undos onto ``undo``. Nothing happens for pair mode or on a
-    master the agent has not set up.
+    master the agent has not set up. Records the mode the consumer's sockets
+    will get (the master's AF_XDP capability, from netdev ``dev-get``).
     """
     if att.pairing != "single" or not att.queues or not _steering(att.master):
         return att
@@ -156,8 +165,9 @@ def wire(cfg: NetConf, att: Attachment, undo: ExitStack) -> Attachment:
                       [q.master_queue for q in att.queues], xsk_map.map_id)
     log.info("wired XSK map", map_path=xsk_map.path, map_id=xsk_map.map_id,
              slots=[(s.queue, s.index) for s in slots(att.queues)])
+    mode = xsk_mode(kernel.dev_get(master_ifindex).xdp_features)
     extra = {**att.extra, MAP_PATH: xsk_map.path, MAP_START_INDEX: start_index(att.queues),
-             MAP_ID: xsk_map.map_id}
+             MAP_ID: xsk_map.map_id, XSK_MODE: mode}
     return replace(att, extra=extra)
 
 

@@ -129,7 +129,8 @@ def add(inv: Invocation, kernel: KernelAPI) -> Result:
             fault_point("ipam")
         att = _replace(att, queues=leased, mac=pod_link.mac, netkit_ifindex=pod_link.index,
                        ipam=ipam_result)
-        att = afxdp.wire(cfg, att, undo)  # its own XSK map, on masters with AF_XDP steering
+        # its own XSK map, on masters with AF_XDP steering
+        att = afxdp.wire(cfg, att, undo, kernel, master.index)
         result = _result(inv, att, pod_link, host_link, ipam_result)
         if att.device_info_file:
             deviceinfo.write(att.device_info_file, deviceinfo.device_info(result))

@@ -118,11 +118,12 @@ class Attachment:
             # set by plugin.afxdp when the master has AF_XDP steering
             map_path=self.extra.get("map_path"),
             map_start_index=self.extra.get("map_start_index"),
+            xsk_mode=self.extra.get("xsk_mode"),
         )
 
     @property
-    def qemu_netdev(self) -> str:
-        """The QEMU ``-netdev af-xdp`` arguments for this attachment's queues."""
+    def qemu_netdev(self) -> str | None:
+        """The QEMU ``-netdev af-xdp`` arguments for this attachment's queues (None: no map)."""
         return self.netkit.qemu_netdev
 
     def to_json(self) -> dict[str, Any]:

@@ -233,7 +233,6 @@ def test_lease_entry_has_the_documented_shape() -> None:
         "queues": [1, 2],
         "masterQueues": [8, 9],
         "mac": "02:00:00:00:00:01",
-        "qemuNetdev": "ifname=net1,queues=2,start-queue=1",
     }
 
 
@@ -243,7 +242,9 @@ def test_lease_entry_carries_the_xsk_map_when_there_is_one() -> None:
     )
     entry = lease_entry(with_map)
     assert (entry["mapPath"], entry["mapStartIndex"]) == ("/sys/fs/bpf/cni-netkit/x/xsks", 0)
-    assert "mapPath" not in lease_entry(att())
+    assert entry["qemuNetdev"].endswith(",map-path=/sys/fs/bpf/cni-netkit/x/xsks,map-start-index=0")
+    assert entry["dpdkVdev"].endswith(",dp_path=/sys/fs/bpf/cni-netkit/x/xsks,busy_budget=0")
+    assert "mapPath" not in lease_entry(att()) and "qemuNetdev" not in lease_entry(att())
 
 
 def test_pair_mode_gets_no_qemu_arguments() -> None:

@@ -56,9 +56,11 @@ def root(name: str) -> Path:
 
 
 def sid_program(root_name: str, program: str, *args: str) -> list[str]:
-    """argv running ``program`` of a sid root with that root's loader and libraries."""
+    """argv running ``program`` of a sid root with that root's loader and libraries
+    (and libxdp's BPF objects, which it looks for in /usr/lib otherwise)."""
     r = root(root_name)
-    return [str(r / LOADER), "--library-path", str(r / LIBS), str(r / program), *args]
+    return ["env", f"LIBXDP_OBJECT_PATH={r / LIBS / 'bpf'}", str(r / LOADER),
+            "--library-path", str(r / LIBS), str(r / program), *args]
 
 
 def workload(netns: str, argv: Sequence[str], *, memlock: int = RUNTIME_MEMLOCK,
@@ -193,18 +195,24 @@ class Qemu:
     log: Path
 
     def stop(self) -> int:
+        """SIGTERM (QEMU takes its sockets out of the map and exits 0); its exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(60)
-        self.sink.close()
-        return rc
+        return self.wait(60)
+
+    def wait(self, timeout: float = 120) -> int:
+        """Its exit status once it exits by itself (a refused start)."""
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.sink.close()
 
     @property
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
 
-def start_qemu(netns: str, qemu_netdev: str, *, memlock: int) -> Qemu:
+def start_qemu(netns: str, qemu_netdev: str, *, memlock: int, privileged: bool = False) -> Qemu:
     """QEMU with ``-netdev af-xdp,id=xdp0,<qemu_netdev>`` hubbed to a dgram socket we read.
 
     Without a guest there is no multi-queue NIC to peer with: the hub takes
@@ -223,7 +231,9 @@ def start_qemu(netns: str, qemu_netdev: str, *, memlock: int) -> Qemu:
     )
     log = d / "qemu.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(workload(netns, argv, memlock=memlock), stdout=out, stderr=out)
+        cmd = (["nsenter", f"--net={netns}", *argv] if privileged
+               else workload(netns, argv, memlock=memlock))
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out)
     return Qemu(proc, sink, log)
 
 
@@ -234,3 +244,26 @@ def wait_for_sockets(qemu: Qemu, master: str, queues: list[int], timeout: float 
         assert qemu.proc.poll() is None, f"QEMU exited {qemu.proc.returncode}:\n{qemu.output}"
         assert time.monotonic() < deadline, f"QEMU's sockets never arrived:\n{qemu.output}"
         time.sleep(0.2)
+
+
+# Register a UMEM of argv[1] bytes on a fresh AF_XDP socket (what QEMU's
+# xsk_umem__create does first): prints "ok" or the errno's name.
+UMEM_PROBE = """
+import ctypes, errno, mmap, socket, struct, sys
+size = int(sys.argv[1])
+s = socket.socket(44, socket.SOCK_RAW, 0)
+m = mmap.mmap(-1, size)
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+try:
+    s.setsockopt(283, 4, struct.pack("QQIIII", addr, size, 4096, 0, 0, 0))
+    print("ok")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"""
+
+
+def umem_registration(netns: str, size: int, *, memlock: int) -> str:
+    """What XDP_UMEM_REG of ``size`` bytes answers the pod's workload: "ok" or an errno name."""
+    return subprocess.run(workload(netns, ["/usr/bin/python3", "-c", UMEM_PROBE, str(size)],
+                                   memlock=memlock),
+                          capture_output=True, text=True, check=True).stdout.strip()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import json
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,7 @@ from tests.e2e.consumers import (
     start_qemu,
     tag,
     tagged,
+    umem_registration,
     wait_for_sockets,
 )
 from tests.kernel.xsk_support import FRAME, XDP_PASS, bpf_object, private_root
@@ -111,6 +113,10 @@ def test_two_pods_qemus_receive_exactly_their_leased_queues_frames(
             assert (p.uid, p.gid, p.groups) == (WORKLOAD_UID, WORKLOAD_GID, ())
             assert p.effective == p.permitted == p.ambient == p.bounding == 1 << CAP_NET_RAW
             assert p.no_new_privs and p.memlock == memlock
+            # netdevsim has no AF_XDP zero-copy: the kernel bound QEMU's sockets in copy
+            # mode (QEMU asks for neither), as the result said it would.
+            assert nk[pod]["xskMode"] == "copy"
+            assert xdp_sockets(pods[pod]).count("zc:0") == QPA, xdp_sockets(pods[pod])
         # The pod's map holds QEMU's sockets at indexes 1..N: the slots say which
         # index each queue goes to, the program's verdict that a socket is there.
         for pod in pods:
@@ -149,13 +155,66 @@ def test_two_pods_qemus_receive_exactly_their_leased_queues_frames(
 def test_qemus_umem_does_not_fit_the_runtimes_default_memlock(
     steered: Nic, root: Path, make_netns: Any, runtime: Runtime
 ) -> None:
-    """32 MiB of UMEM per queue, charged to RLIMIT_MEMLOCK without CAP_IPC_LOCK: 8 MiB refuse."""
+    """32 MiB of UMEM per queue, charged to RLIMIT_MEMLOCK without CAP_IPC_LOCK: 8 MiB refuse.
+
+    The kernel's answer to the registration is ENOBUFS (xdp_umem_account_pages);
+    QEMU 10.2 then crashes in its error path (SIGSEGV) without a word.
+    """
     conf = runtime.conf(steered.name, queues="1-4", xskMapOwner=WORKLOAD_OWNER)
     netns = make_netns()
     result = add(runtime, conf, "vm-a", netns)
+    assert umem_registration(netns, QEMU_UMEM, memlock=RUNTIME_MEMLOCK) == "ENOBUFS"
+    assert umem_registration(netns, QEMU_UMEM, memlock=QEMU_UMEM) == "ok"
     qemu = start_qemu(netns, result["netkit"]["qemuNetdev"], memlock=RUNTIME_MEMLOCK)
-    rc = qemu.stop()
-    # xdp_umem_account_pages: the user's locked pages would pass the limit.
-    assert rc == 1 and "failed to create umem for net1 queue_index: 0: No buffer space available" \
-        in qemu.output, qemu.output
+    assert qemu.wait() == -signal.SIGSEGV, qemu.output
+    assert xsk.verdict(steered.name, result["netkit"]["queues"][0]["masterQueue"],
+                       FRAME) == XDP_PASS
+    delete(runtime, conf, "vm-a", netns, result)
+
+
+def test_without_xsk_map_owner_the_unprivileged_qemu_cannot_open_the_pin(
+    steered: Nic, root: Path, make_netns: Any, runtime: Runtime
+) -> None:
+    """The one step the kernel refuses uid 107 without xskMapOwner: BPF_OBJ_GET, by the
+    pin's mode (0600 root): EACCES; its socket and UMEM were made without a capability."""
+    conf = runtime.conf(steered.name, queues="1-4")
+    netns = make_netns()
+    result = add(runtime, conf, "vm-a", netns)
+    qemu = start_qemu(netns, result["netkit"]["qemuNetdev"], memlock=QEMU_UMEM)
+    assert qemu.wait() == 1
+    assert (f"failed to insert AF_XDP socket into map {result['netkit']['mapPath']}: "
+            "Permission denied") in qemu.output, qemu.output
+    delete(runtime, conf, "vm-a", netns, result)
+
+
+def test_lease_only_arguments_cannot_carry_traffic(
+    nic: Nic, root: Path, make_netns: Any, runtime: Runtime
+) -> None:
+    """A master without the agent's program: what QEMU does with ``ifname,queues,start-queue``
+    (what the result used to carry there), so the result now carries no QEMU arguments.
+
+    QEMU must load its own XDP program on the netkit. Unprivileged, libxdp's
+    load is refused (EPERM: no CAP_BPF); as root the netkit refuses it in
+    native mode (EOPNOTSUPP) and QEMU's retry in generic mode fails on the
+    socket it already bound (EBUSY). Either way QEMU does not start.
+    """
+    conf = runtime.conf(nic.name, queues="1-4")
+    netns = make_netns()
+    result = add(runtime, conf, "vm-a", netns)
+    nk = result["netkit"]
+    assert "qemuNetdev" not in nk and "dpdkVdev" not in nk and "mapPath" not in nk
+    assert "no cni-netkit XDP program" in nk["afxdpUnavailable"]
+    lease_only = f"ifname=net1,queues=1,start-queue={nk['queues'][0]['id']}"
+
+    refused = start_qemu(netns, lease_only, memlock=QEMU_UMEM)
+    assert refused.wait() == 1
+    assert "libxdp: Failed to load dispatcher: Operation not permitted" in refused.output
+    assert "failed to create AF_XDP socket for net1 queue_id: 1:" in refused.output
+
+    as_root = start_qemu(netns, lease_only, memlock=QEMU_UMEM, privileged=True)
+    assert as_root.wait() == 1
+    assert "Error attaching XDP program to ifindex" in as_root.output
+    assert "Operation not supported" in as_root.output
+    assert ("failed to create AF_XDP socket for net1 queue_id: 1: Device or resource busy"
+            in as_root.output), as_root.output
     delete(runtime, conf, "vm-a", netns, result)

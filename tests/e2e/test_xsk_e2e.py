@@ -210,7 +210,7 @@ def test_pair_mode_and_unsteered_masters_get_leases_without_a_map(
     nic: Nic, root: Path, make_netns: Any, runtime: Runtime
 ) -> None:
     plain = add(runtime.conf(nic.name), netns=make_netns(), cni_args=k8s_args("vm-a"))
-    assert "mapPath" not in plain and "inhibit" not in plain["qemuNetdev"]
+    assert "mapPath" not in plain and "qemuNetdev" not in plain and "afxdpUnavailable" in plain
     xsk.ensure_program(nic.name, bpf_object())
     pair = add(runtime.conf(nic.name, pairing="pair", mode="l3"), container_id="c2",
                netns=make_netns(), cni_args=k8s_args("vm-b"))

@@ -58,7 +58,7 @@ NETKIT_JSON = {
     "mode": "l2",
     "interface": "net1",
     "queues": [{"id": 1, "masterQueue": 8}, {"id": 2, "masterQueue": 9}],
-    "qemuNetdev": "ifname=net1,queues=2,start-queue=1",
+    "afxdpUnavailable": "the kernel refuses AF_XDP on a netkit pair",
 }
 DNS_JSON = {
     "nameservers": ["10.1.0.53"],
@@ -160,7 +160,10 @@ def test_encode_single_mode_result_omits_empty_fields_like_go() -> None:
             "mode": "l2",
             "interface": "net1",
             "queues": [{"id": 1, "masterQueue": 12}],
-            "qemuNetdev": "ifname=net1,queues=1,start-queue=1",
+            "afxdpUnavailable": "master eth0 has no cni-netkit XDP program: nothing steers "
+                                "its queues' frames to AF_XDP sockets (a lease for io_uring "
+                                "zero-copy, or for an application that brings its own "
+                                "steering)",
         },
     }
 
@@ -189,8 +192,12 @@ def test_qemu_netdev_starts_at_the_lowest_netkit_queue() -> None:
         mode="l2",
         interface="net1",
         queues=(NetkitQueue(id=3, master_queue=9), NetkitQueue(id=2, master_queue=8)),
+        map_path="/m",
     )
-    assert nk.qemu_netdev == "ifname=net1,queues=2,start-queue=2"
+    assert nk.qemu_netdev == (
+        "ifname=net1,mode=native,queues=2,start-queue=2,inhibit=on,map-path=/m,map-start-index=2")
+    assert nk.dpdk_vdev == ("net_af_xdp0,iface=net1,start_queue=2,queue_count=2,"
+                            "use_pinned_map=1,dp_path=/m,busy_budget=0")
 
 
 def test_encode_refuses_an_unsupported_version() -> None:

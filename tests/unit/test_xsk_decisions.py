@@ -82,7 +82,25 @@ def test_qemu_netdev_with_a_map_inhibits_qemus_program() -> None:
     assert with_map.qemu_netdev == (
         "ifname=net1,mode=native,queues=2,start-queue=1,inhibit=on,"
         "map-path=/sys/fs/bpf/cni-netkit/pods/vms/vm-a/afxdp:c1:net1,map-start-index=1")
-    assert nk().qemu_netdev == "ifname=net1,queues=2,start-queue=1"
+    assert nk().qemu_netdev is None and nk().dpdk_vdev is None
+    assert nk().afxdp_unavailable == (
+        "master eth0 has no cni-netkit XDP program: nothing steers its queues' frames to "
+        "AF_XDP sockets (a lease for io_uring zero-copy, or for an application that brings "
+        "its own steering)")
+
+
+def test_the_dpdk_vdev_uses_the_pinned_map_and_no_busy_polling() -> None:
+    with_map = nk(map_path="/run/netkit/xsk/afxdp:c1:net1", map_start_index=1)
+    assert with_map.dpdk_vdev == (
+        "net_af_xdp0,iface=net1,start_queue=1,queue_count=2,use_pinned_map=1,"
+        "dp_path=/run/netkit/xsk/afxdp:c1:net1,busy_budget=0")
+    # DPDK's devargs cannot quote a comma.
+    assert nk(map_path="/m,n", map_start_index=1).dpdk_vdev is None
+
+
+def test_the_xsk_mode_follows_the_masters_xdp_features() -> None:
+    assert afxdp.xsk_mode({"basic", "redirect", "xsk-zerocopy"}) == "zerocopy"
+    assert afxdp.xsk_mode({"basic", "redirect"}) == "copy"
 
 
 def test_qemu_option_values_double_their_commas() -> None:
@@ -204,7 +222,7 @@ def test_add_refuses_more_queues_than_an_xsk_map_has_slots(
                      queues=(LeasedQueue(xsk.XSK_SLOTS, 3),))
     cfg = add_inv(tmp_path / "state").config
     with pytest.raises(InvalidConfig, match="too many for AF_XDP steering"):
-        afxdp.wire(cfg, att, None)  # type: ignore[arg-type] - refused before any undo
+        afxdp.wire(cfg, att, None, None, 1)  # type: ignore[arg-type] - refused before any use
     assert bpffs.calls == []
 
 
