@@ -367,5 +367,7 @@ def test_the_documented_annotation_example_is_what_the_agent_writes() -> None:
         queues=(LeasedQueue(1, 12),),
         pod_namespace="default",
         pod_name="p",
+        extra={"map_path": "/sys/fs/bpf/cni-netkit/pods/default/p/netkit-ens1f0np0:c1:net1",
+               "map_start_index": 1},
     )
     assert json.loads(example) == json.loads(leases_value([att]) or "")
