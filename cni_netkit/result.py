@@ -135,8 +135,11 @@ class NetkitResult:
         pinned map (libxdp keys it by queue id), which is where the program
         looks. ``busy_budget=0``: preferred busy polling needs CAP_NET_ADMIN.
         DPDK's devargs cannot quote a comma: None when a value holds one.
+        One queue only: the PMD refuses a ``queue_count`` above the device's
+        combined channel count (ethtool), which a netkit reports as 1.
         """
-        if self.map_path is None or "," in self.interface + self.map_path:
+        if (self.map_path is None or len(self.queues) != 1
+                or "," in self.interface + self.map_path):
             return None
         return (
             f"net_af_xdp0,iface={self.interface},start_queue={self.first_queue},"

@@ -6,6 +6,7 @@ recorder (tests/kernel and tests/e2e show what the kernel does).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -90,12 +91,15 @@ def test_qemu_netdev_with_a_map_inhibits_qemus_program() -> None:
 
 
 def test_the_dpdk_vdev_uses_the_pinned_map_and_no_busy_polling() -> None:
-    with_map = nk(map_path="/run/netkit/xsk/afxdp:c1:net1", map_start_index=1)
-    assert with_map.dpdk_vdev == (
-        "net_af_xdp0,iface=net1,start_queue=1,queue_count=2,use_pinned_map=1,"
+    one = NetkitResult(master="eth0", pairing="single", mode="l2", interface="net1",
+                       queues=(NetkitQueue(3, 9),), map_path="/run/netkit/xsk/afxdp:c1:net1",
+                       map_start_index=3)
+    assert one.dpdk_vdev == (
+        "net_af_xdp0,iface=net1,start_queue=3,queue_count=1,use_pinned_map=1,"
         "dp_path=/run/netkit/xsk/afxdp:c1:net1,busy_budget=0")
-    # DPDK's devargs cannot quote a comma.
-    assert nk(map_path="/m,n", map_start_index=1).dpdk_vdev is None
+    # DPDK's devargs cannot quote a comma; its PMD takes one queue of a netkit.
+    assert dataclasses.replace(one, map_path="/m,n").dpdk_vdev is None
+    assert nk(map_path="/m", map_start_index=1).dpdk_vdev is None
 
 
 def test_the_xsk_mode_follows_the_masters_xdp_features() -> None:

@@ -1,0 +1,134 @@
+"""DPDK's AF_XDP PMD, unprivileged in the pod, counts exactly its leased queues' frames.
+
+``dpdk-testpmd --no-huge`` (Debian sid's, ``tests/e2e/consumers.py``) in the
+pod's netns as uid/gid 107 with only CAP_NET_RAW (RLIMIT_MEMLOCK: see
+DPDK_MEMLOCK), its port the result's ``dpdkVdev`` verbatim, forwarding
+``rxonly``: its statistics must be the frames sent on its leased physical
+queue, nothing from the other pod's queue. One queue: the PMD refuses
+``queue_count`` above a netkit's channel count, 1 (docs/af_xdp.md).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cni_netkit.kernel import xsk
+from tests.e2e.conftest import Nic, Runtime, leased_queues
+from tests.e2e.consumers import (
+    WORKLOAD_OWNER,
+    loopback,
+    send_on_rx_queue,
+    sid_program,
+    tag,
+    tagged,
+    workload,
+)
+from tests.kernel.xsk_support import FRAME, XDP_REDIRECT, bpf_object, private_root
+
+pytestmark = pytest.mark.kernel
+
+FRAMES_PER_QUEUE = 50
+QPA = 1
+# The PMD registers the memory of its mbuf pool as UMEM and fills its fill ring
+# (2048 entries) from it, so the pool needs well over 2048 mbufs (8192: ~19 MB):
+# the runtime's 8 MiB (RUNTIME_MEMLOCK) refuses the registration (ENOBUFS); the
+# whole --no-huge memory (-m 64) is an upper bound.
+DPDK_MEMLOCK = 64 << 20
+PMDS = "usr/lib/x86_64-linux-gnu/dpdk/pmds-26.0"
+
+
+@pytest.fixture
+def root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    with private_root() as r:
+        monkeypatch.setenv(xsk.ROOT_ENV, str(r))
+        yield r
+
+
+@pytest.fixture
+def steered(nic: Nic, root: Path) -> Nic:
+    xsk.ensure_program(nic.name, bpf_object(), root=root)
+    # Only our frames on the wire: no IPv6 neighbour/router traffic of the stack.
+    Path(f"/proc/sys/net/ipv6/conf/{nic.name}/disable_ipv6").write_text("1")
+    loopback(nic)
+    return nic
+
+
+def k8s_env(pod: str) -> dict[str, str]:
+    return {"CNI_ARGS": f"K8S_POD_NAMESPACE=vms;K8S_POD_NAME={pod};K8S_POD_UID=uid-{pod}",
+            xsk.ROOT_ENV: str(xsk.bpf_root())}
+
+
+def start_testpmd(netns: str, vdev: str, queues: int) -> subprocess.Popen[str]:
+    """testpmd receiving on ``vdev``'s queues until a newline on stdin, then printing stats."""
+    pmds = sid_program("dpdk", PMDS)[-1]
+    argv = sid_program(
+        "dpdk", "usr/bin/dpdk-testpmd", "--no-huge", "-m", "64", "--no-pci", "--in-memory",
+        "--no-telemetry", "--lcores", "(0,1)@0",  # main and forwarding lcore on the VM's CPU
+        "-d", f"{pmds}/librte_mempool_ring.so.26", "-d", f"{pmds}/librte_net_af_xdp.so.26",
+        "--vdev", vdev, "--",
+        "--forward-mode=rxonly", f"--rxq={queues}", f"--txq={queues}", "--nb-cores=1",
+        "--total-num-mbufs=8192", "--rxd=256", "--txd=256", "--no-mlockall",
+    )
+    return subprocess.Popen(workload(netns, argv, memlock=DPDK_MEMLOCK),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def per_queue(stats: str) -> dict[int, int]:
+    """RX packets by queue of port 0 from testpmd's statistics at exit (per stream when
+    there are several, else the port's)."""
+    streams = {int(q): int(n) for q, n in re.findall(
+        r"Forward Stats for RX Port= 0/Queue= +(\d+) .*?\n\s+RX-packets: (\d+)", stats)}
+    if streams:
+        return streams
+    (port,) = re.findall(r"Forward statistics for port 0 +-+\n\s+RX-packets: (\d+)", stats)
+    return {0: int(port)}
+
+
+def test_testpmd_counts_exactly_the_frames_of_its_leased_queues(
+    steered: Nic, root: Path, make_netns: Any, runtime: Runtime
+) -> None:
+    conf = runtime.conf(steered.name, queues="1-4", queuesPerAttachment=QPA,
+                        xskMapOwner=WORKLOAD_OWNER)
+    pods = {pod: make_netns() for pod in ("vm-a", "vm-b")}
+    results = {}
+    for pod, netns in pods.items():
+        out = runtime("ADD", conf, container_id=f"c-{pod}", netns=netns, env=k8s_env(pod),
+                      cold=True)
+        assert out.code == 0, out.stdout + out.stderr
+        results[pod] = out.json
+    nk = results["vm-a"]["netkit"]
+    mine = [q["masterQueue"] for q in sorted(nk["queues"], key=lambda q: q["id"])]
+    theirs = [q["masterQueue"] for q in results["vm-b"]["netkit"]["queues"]]
+
+    pmd = start_testpmd(pods["vm-a"], nk["dpdkVdev"], len(mine))
+    try:
+        deadline = time.monotonic() + 120
+        while not all(xsk.verdict(steered.name, q, FRAME) == XDP_REDIRECT for q in mine):
+            assert pmd.poll() is None, pmd.communicate()[0]
+            assert time.monotonic() < deadline, "testpmd's sockets never arrived in the map"
+            time.sleep(0.2)
+        for q in mine + theirs:
+            send_on_rx_queue(steered, q, (tagged(tag("x", q, i))
+                                          for i in range(FRAMES_PER_QUEUE)))
+        stats, _ = pmd.communicate("\n", timeout=120)
+    finally:
+        if pmd.poll() is None:
+            pmd.kill()
+            pmd.wait()
+    assert pmd.returncode == 0, stats
+    # testpmd's queue i is netkit queue start_queue + i, leased from mine[i].
+    assert per_queue(stats) == dict.fromkeys(range(len(mine)), FRAMES_PER_QUEUE), stats
+
+    for pod, netns in pods.items():
+        out = runtime("DEL", {**conf, "prevResult": results[pod]}, container_id=f"c-{pod}",
+                      netns=netns, env=k8s_env(pod), cold=True)
+        assert (out.code, out.stdout) == (0, ""), out.stderr
+    assert leased_queues(steered) == {} and xsk.wiring(steered.name) == {}
