@@ -34,7 +34,15 @@ RUN apt-get update -qq \
  && apt-get install -y -qq --no-install-recommends ca-certificates \
  && scripts/host-packages install artifact shim bpf \
  && apt-get clean && rm -rf /var/lib/apt/lists/*
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+# The agent's dependencies (kubernetes included) in a layer of their own, so a
+# code change reinstalls only the package itself further down.
+RUN --mount=type=secret,id=ca-bundle \
+    --mount=type=cache,target=/root/.cache/pip \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+ && python3.11 -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' >/tmp/requirements.txt \
+ && python3.11 -m venv /opt/cni-netkit/venv \
+ && /opt/cni-netkit/venv/bin/pip install -q -r /tmp/requirements.txt
 COPY scripts/build-artifact scripts/build-shim scripts/build-bpf scripts/
 COPY bpf bpf
 COPY cni_netkit cni_netkit
@@ -48,8 +56,8 @@ RUN --mount=type=secret,id=ca-bundle \
     --mount=type=cache,target=/var/cache/artifact-work \
     if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
  && CNI_NETKIT_BUILD_WORK=/var/cache/artifact-work scripts/build-artifact /out/artifact
-# The agent's own environment: the package with all its dependencies
-# (kubernetes included), non-editable, on Debian's interpreter. pip's
+# The agent's own environment: the package, non-editable, on Debian's
+# interpreter, next to its dependencies installed above. pip's
 # byte-compiled .pyc files stay: the root filesystem is read-only in the
 # DaemonSet, so without them every start and every `agent health` probe
 # would compile the kubernetes client in memory again. Not needed at run
@@ -57,11 +65,14 @@ RUN --mount=type=secret,id=ca-bundle \
 # asyncio client (kubernetes/aio, 68 MB, a second copy of every API and model
 # that nothing imports unless asked for: the agent uses the synchronous
 # client; scripts/test-image runs the agent against an API server).
+# README.md is the package's long description: copied only here, so editing
+# it does not rebuild the artifact.
+COPY README.md ./
 RUN --mount=type=secret,id=ca-bundle \
     --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
- && python3.11 -m venv /opt/cni-netkit/venv \
- && /opt/cni-netkit/venv/bin/pip install -q /src \
+ && /opt/cni-netkit/venv/bin/pip install -q --no-deps /src \
+ && /opt/cni-netkit/venv/bin/pip check \
  && /opt/cni-netkit/venv/bin/pip uninstall -q -y pip setuptools \
  && rm -rf /opt/cni-netkit/venv/lib/python3.11/site-packages/kubernetes/aio \
  && rm -rf /src/build /src/*.egg-info
