@@ -487,12 +487,14 @@ def gc(inv: Invocation, kernel: KernelAPI, netns_paths: Iterable[str] | None = N
     records = [a for a in store if is_stale(a.owner, cfg.name, valid)]
     for n, att in enumerate(records, 1):
         try:
+            # Unwires the XSK map under the master's lock itself (flock: taking it
+            # again here would wait for ourselves); idempotent if DEL got there first.
+            afxdp.release(cfg, att.owner, att)
             # Under the master's lock, as ADD leases: GC never tears down an
             # attachment in the middle of an ADD's queue choice and leasing.
             with master_lock(cfg.state_dir, att.master, cfg.lock_timeout):
                 if store.load(att.owner) is None:
                     continue  # its DEL got there first
-                afxdp.release(cfg, att.owner, att)
                 _delete_ours(kernel, att)
             fault_point(f"gc:devices:{n}")
             _release_ipam(inv, att.owner)
