@@ -29,12 +29,13 @@ import contextlib
 import errno
 import os
 import socket
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from cni_netkit.errors import KernelError, NoSuchDevice, NotFound, NotSupported
+from cni_netkit.errors import KernelError, NoSuchDevice, NotFound, NotSupported, kernel_error
 from cni_netkit.kernel import bpf
 from cni_netkit.kernel.bpffs import (
     DEFAULT_ROOT,
@@ -333,10 +334,35 @@ def create_map(path: Path, *, owner: tuple[int, int] | None = None) -> XskMap:
             except (NotFound, FileNotFoundError):
                 if attempt:
                     raise
-        path.chmod(0o600)  # whatever the caller's umask made of bpffs' 0600
-        if owner is not None:
-            os.chown(path, *owner)
+        try:
+            _restrict_pin(path, owner)
+        except OSError as e:
+            path.unlink(missing_ok=True)  # a pin the workload cannot open is no use to it
+            whom = f"uid:gid {owner[0]}:{owner[1]}" if owner else "root"
+            raise kernel_error(e.errno or errno.EPERM, f"give the XSK map pin {path} to {whom}",
+                               str(e)) from e
         return XskMap(str(path), bpf.map_info(fd).id)
+
+
+def _restrict_pin(path: Path, owner: tuple[int, int] | None) -> None:
+    """Mode 0600, owned by ``owner`` (else root), never through a symlink.
+
+    The pin's directory may be mounted into the pod: what is at ``path`` now
+    must be the pin we just made, not a link to a host file that root would
+    then hand to the workload.
+    """
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.ELOOP, "not the pin just made (a link or another file)")
+        # Through /proc/self/fd: chmod/chown of this very inode (fchmod refuses O_PATH).
+        inode = Path(f"/proc/self/fd/{fd}")
+        inode.chmod(0o600)
+        if owner is not None:
+            os.chown(inode, *owner)
+    finally:
+        os.close(fd)
 
 
 def map_id(path: Path) -> int | None:

@@ -502,7 +502,7 @@ def gc(inv: Invocation, kernel: KernelAPI, netns_paths: Iterable[str] | None = N
             store.remove(att.owner)
             log.info("gc removed attachment", container_id=att.container_id, ifname=att.ifname)
             fault_point(f"gc:record:{n}")
-        except (NetkitError, OSError) as e:
+        except (NetkitError, OSError, CorruptRecord) as e:  # corrupted since it was listed
             failures.append(f"{att.key}: {e}")
     tried = {a.owner for a in records}  # a failure there is reported once, not twice
     released = _gc_corrupt(inv, kernel, store, valid, failures)
@@ -558,6 +558,8 @@ def _gc_corrupt(
                 netns = bad.salvage.get("netns")
                 if netns:
                     _delete_if_ours(kernel, owner, owner.ifname, netns)
+                    # An ADD killed inside the create: only its name says whose it is.
+                    _delete_if_ours(kernel, owner, staging_ifname(owner), netns)
                 _delete_if_ours(kernel, owner, host_ifname(owner), None)
                 deviceinfo.remove(bad.salvage.get("device_info_file"))
             where = store.quarantine(bad)

@@ -165,6 +165,10 @@ class Attachment:
                 raise ValueError(f"field {name!r} is a {type(values[name]).__name__}")
         if values.get("extra") is None:
             values.pop("extra", None)
+        for name, types in _EXTRA.items():
+            value = values.get("extra", {}).get(name)
+            if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+                raise ValueError(f"field extra.{name} is a {type(value).__name__}")
         return cls(**values)
 
 
@@ -173,6 +177,10 @@ _REQUIRED = ("container_id", "ifname", "netns", "network", "master", "pairing", 
 _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "mac": str, "mtu": int, "netkit_ifindex": int, "host_ifname": str, "pod_namespace": str,
     "pod_name": str, "device_info_file": str, "ipam": dict, "netconf": dict, "extra": dict,
+}
+# The keys of ``extra`` the plugin and the agent read (plugin.afxdp, agent.publish).
+_EXTRA: dict[str, type] = {
+    "map_path": str, "map_start_index": int, "map_id": int, "xsk_mode": str, "pod_uid": str,
 }
 
 

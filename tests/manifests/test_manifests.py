@@ -151,7 +151,8 @@ def test_agent_has_only_the_capabilities_it_justifies() -> None:
     assert sc["privileged"] is False
     assert sc["capabilities"]["drop"] == ["ALL"]
     added = sc["capabilities"]["add"]
-    assert sorted(added) == ["BPF", "NET_ADMIN", "SYS_ADMIN"]
+    # CHOWN: the plugin, run by the agent, gives xskMapOwner its attachment's pin.
+    assert sorted(added) == ["BPF", "CHOWN", "NET_ADMIN", "SYS_ADMIN"]
     # The API refuses allowPrivilegeEscalation: false together with SYS_ADMIN.
     assert not ("SYS_ADMIN" in added and sc.get("allowPrivilegeEscalation") is False)
     # Each added capability has its reason in a comment right above it.

@@ -207,3 +207,37 @@ def test_gc_quarantines_stale_corrupt_records_releases_them_and_keeps_live_ones(
     events = [e["event"] for e in logs]
     assert events.count("gc quarantined an unreadable attachment record") == 2
     assert "attachment record unreadable; kept for its DEL" in events
+
+
+@pytest.mark.parametrize(("key", "value"), [("map_path", 7), ("map_start_index", "1"),
+                                            ("map_id", True), ("xsk_mode", ["copy"])])
+def test_an_extra_field_of_the_wrong_type_is_a_corrupt_record(key: str, value: Any) -> None:
+    # plugin.afxdp would raise TypeError on it in every DEL: unreadable, not a crash.
+    data = {"container_id": "c1", "ifname": "net1", "netns": POD, "network": "afxdp",
+            "master": "eth0", "pairing": "single", "mode": "l2", "queues": [],
+            "extra": {key: value}}
+    with pytest.raises(ValueError, match=f"extra.{key}"):
+        Attachment.from_json(data)
+
+
+def test_gc_of_a_corrupt_record_also_finds_a_netkit_still_under_its_staging_name(
+    kernel: FakeKernel, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An ADD killed right after creating the netkit (no alias, staging name), whose
+    # intent record is then torn: GC must still attribute and delete the device.
+    def killed(at: str) -> None:
+        if at == "create:made":
+            raise KeyboardInterrupt  # stands in for the SIGKILL: the undo must not run
+    monkeypatch.setattr(commands, "fault_point", killed)
+    monkeypatch.setattr(commands, "_quietly", lambda *_: None)  # no undo, as after a kill
+    with pytest.raises(KeyboardInterrupt):
+        commands.add(inv("ADD", state), kernel)
+    monkeypatch.undo()
+    (staged,) = [link for link in kernel.links_in(POD) if link.kind == "netkit"]
+    assert staged.alias is None and staged.name == commands.staging_ifname(
+        Owner("afxdp", "c1", "net1"))
+    store = StateStore(state)
+    store.path(Owner("afxdp", "c1", "net1")).write_text('{"container_id": "c1", "netns": "'
+                                                        + POD + '", "queues": 3}')
+    commands.gc(inv("GC", state, **{"cni.dev/valid-attachments": []}), kernel, kernel.netns)
+    assert [link for link in kernel.links_in(POD) if link.kind == "netkit"] == []

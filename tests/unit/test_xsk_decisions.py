@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +241,21 @@ def test_pair_mode_and_unsteered_masters_get_no_map(
     plain = commands.add(add_inv(tmp_path / "s2", master="eth1"), other)
     assert plain.netkit is not None and plain.netkit.map_path is None
     assert bpffs.calls == []
+
+
+def test_a_pin_is_restricted_only_where_it_is_a_file_never_through_a_link(tmp_path: Path) -> None:
+    # The pin's directory may be mounted into the pod: a link planted at the pin's
+    # name must not make root chmod/chown what it points to.
+    pin = tmp_path / "pin"
+    pin.write_text("")
+    pin.chmod(0o644)
+    xsk._restrict_pin(pin, (os.getuid(), os.getgid()))
+    assert pin.stat().st_mode & 0o777 == 0o600
+    victim = tmp_path / "host-file"
+    victim.write_text("")
+    victim.chmod(0o644)
+    link = tmp_path / "planted"
+    link.symlink_to(victim)
+    with pytest.raises(OSError, match=r"Too many levels|not the pin"):
+        xsk._restrict_pin(link, (os.getuid(), os.getgid()))
+    assert victim.stat().st_mode & 0o777 == 0o644
