@@ -14,7 +14,7 @@ Trust and isolation:
   runtime) is served.
 - The agent acts only where the executable would have: a request whose
   executable runs in another network namespace, whose ``CNI_NETNS`` is
-  another namespace here (the agent's container lacks the host's
+  another namespace here (e.g. a container without the DaemonSet's
   ``/var/run/netns`` mount), or that names a path (``view_paths``: stateDir,
   logFile, CNIDeviceInfoFile, host-local's dataDir, the bpffs pins) that the
   agent sees as other files than the executable does, is refused, and the
