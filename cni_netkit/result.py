@@ -328,16 +328,21 @@ def _encode_netkit(nk: NetkitResult) -> dict[str, Any]:
         "interface": nk.interface,
         "queues": [{"id": q.id, "masterQueue": q.master_queue} for q in nk.queues],
     }
-    if nk.map_path is not None:
-        out["qemuNetdev"] = nk.qemu_netdev
-        if nk.dpdk_vdev is not None:
-            out["dpdkVdev"] = nk.dpdk_vdev
-        out["mapPath"] = nk.map_path
-        out["mapStartIndex"] = nk.map_start_index
-        if nk.xsk_mode is not None:
-            out["xskMode"] = nk.xsk_mode
-    else:
-        out["afxdpUnavailable"] = nk.afxdp_unavailable
+    return out | consumer_fields(nk)
+
+
+def consumer_fields(nk: NetkitResult) -> dict[str, Any]:
+    """What an AF_XDP consumer needs (or why it cannot have it), as the result and the
+    pod annotation (``agent.publish``) both carry it."""
+    if nk.map_path is None:
+        return {"afxdpUnavailable": nk.afxdp_unavailable}
+    out: dict[str, Any] = {"qemuNetdev": nk.qemu_netdev}
+    if nk.dpdk_vdev is not None:
+        out["dpdkVdev"] = nk.dpdk_vdev
+    out["mapPath"] = nk.map_path
+    out["mapStartIndex"] = nk.map_start_index
+    if nk.xsk_mode is not None:
+        out["xskMode"] = nk.xsk_mode
     return out
 
 

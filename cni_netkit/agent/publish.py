@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from cni_netkit.config import parse_queue_pool
 from cni_netkit.plugin.state import Attachment
+from cni_netkit.result import consumer_fields
 
 if TYPE_CHECKING:
     from cni_netkit.agent.k8s import Node, Pod
@@ -187,9 +188,10 @@ def lease_entry(att: Attachment) -> dict[str, Any]:
     ``queues`` are the netkit's queue ids (what AF_XDP binds to inside the
     pod), ``masterQueues`` the physical ones they proxy, index by index.
     ``qemuNetdev`` (the ``-netdev af-xdp`` arguments) and ``dpdkVdev`` (DPDK's
-    ``--vdev``), ``mapPath`` and ``mapStartIndex`` when the attachment has a
-    pinned XSK map: without one nothing steers the queues' frames to an AF_XDP
-    socket (the CNI result's ``afxdpUnavailable`` says why).
+    ``--vdev``), ``mapPath``, ``mapStartIndex`` and ``xskMode`` when the
+    attachment has a pinned XSK map: without one nothing steers the queues'
+    frames to an AF_XDP socket, and ``afxdpUnavailable`` says why (as in the
+    CNI result: ``result.consumer_fields``).
     """
     leased = sorted(att.queues, key=lambda q: q.netkit_queue)
     entry: dict[str, Any] = {
@@ -200,18 +202,8 @@ def lease_entry(att: Attachment) -> dict[str, Any]:
         "masterQueues": [q.master_queue for q in leased],
         "mac": att.mac,
     }
-    nk = att.netkit
-    for name, value in (("qemuNetdev", nk.qemu_netdev), ("dpdkVdev", nk.dpdk_vdev)):
-        if value is not None:
-            entry[name] = value
-    # The XSK map QEMU's inhibit=on mode inserts its sockets into, once the
-    # plugin pins one per attachment (a field or an ``extra`` key of the record).
-    for key, name in (("map_path", "mapPath"), ("map_start_index", "mapStartIndex")):
-        value = getattr(att, key, None)
-        if value is None:
-            value = att.extra.get(key)
-        if value is not None:
-            entry[name] = value
+    # The same consumer fields as the CNI result's netkit key.
+    entry.update(consumer_fields(att.netkit))
     return entry
 
 
