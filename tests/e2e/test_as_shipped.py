@@ -59,8 +59,8 @@ MANIFESTS = REPO / "manifests"
 SOCKET = Path("/run/cni-netkit/cni.sock")  # where the executable looks by default
 NOTE = "node agent not used, running the command in this process"
 # Linux capability numbers (linux/capability.h) of the names a manifest may add.
-CAP_BITS = {"NET_ADMIN": 12, "SYS_ADMIN": 21, "BPF": 39, "NET_RAW": 13, "SYS_PTRACE": 19,
-            "PERFMON": 38, "SYS_RESOURCE": 24, "IPC_LOCK": 14}
+CAP_BITS = {"CHOWN": 0, "NET_ADMIN": 12, "SYS_ADMIN": 21, "BPF": 39, "NET_RAW": 13,
+            "SYS_PTRACE": 19, "PERFMON": 38, "SYS_RESOURCE": 24, "IPC_LOCK": 14}
 
 
 def agent_spec() -> tuple[dict[str, Any], dict[str, Any]]:
