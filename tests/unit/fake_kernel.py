@@ -32,6 +32,8 @@ from cni_netkit.kernel.types import (
 )
 
 HOST = None
+# The pod netns the plugin-logic tests put their attachments in (tests/unit/conftest.py).
+POD = "/var/run/netns/pod1"
 
 
 @dataclass

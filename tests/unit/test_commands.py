@@ -28,21 +28,7 @@ from cni_netkit.errors import (
 )
 from cni_netkit.plugin import commands
 from cni_netkit.plugin.state import Owner, StateStore
-from tests.unit.fake_kernel import FakeKernel
-
-POD = "/var/run/netns/pod1"
-
-
-@pytest.fixture
-def kernel() -> FakeKernel:
-    k = FakeKernel(master="eth0", master_queues=16)
-    k.add_netns(POD)
-    return k
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Path:
-    return tmp_path / "state"
+from tests.unit.fake_kernel import POD, FakeKernel
 
 
 def inv(command: str, state: Path, *, cid: str = "c1", netns: str = POD, ifname: str = "net1",

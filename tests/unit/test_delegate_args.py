@@ -18,9 +18,8 @@ import pytest
 from cni_netkit.config import Invocation, parse_invocation
 from cni_netkit.errors import IPAMFailure
 from cni_netkit.plugin import commands
-from tests.unit.fake_kernel import FakeKernel
+from tests.unit.fake_kernel import POD, FakeKernel
 
-POD = "/var/run/netns/pod1"
 # containerd's CRI path (kubelet's pods), podman's --ip: what real runtimes send.
 CONTAINERD = ("IgnoreUnknown=1;K8S_POD_NAMESPACE=rtns;K8S_POD_NAME=p1;"
               "K8S_POD_INFRA_CONTAINER_ID=0123abcd;K8S_POD_UID=uid-p1")
@@ -50,13 +49,6 @@ done
 [ "$CNI_COMMAND" = ADD ] || exit 0
 echo '{"cniVersion":"1.0.0","ips":[{"address":"'"$ip"'/24","gateway":"10.1.0.1"}]}'
 """
-
-
-@pytest.fixture
-def kernel() -> FakeKernel:
-    k = FakeKernel(master="eth0", master_queues=16)
-    k.add_netns(POD)
-    return k
 
 
 @pytest.fixture

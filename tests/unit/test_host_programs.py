@@ -8,7 +8,7 @@ table that ``scripts/host-packages`` installs from:
 
 - Python (package, tests, benchmarks, Python scripts): argv literals of
   ``subprocess``/``os.exec*`` calls and of the test helpers that wrap them,
-  and ``shutil.which("...")``, read from the syntax tree;
+  and ``shutil.which()`` calls, read from the syntax tree;
 - shell scripts under ``scripts/``: the command words of every simple
   command (after ``;``, ``&&``, ``|``, ``$(`` ..., past ``exec``,
   ``timeout N``, ``env VAR=...``), minus builtins, keywords, the script's

@@ -26,9 +26,8 @@ from cni_netkit.plugin.state import (
     StateStore,
     attachment_key,
 )
-from tests.unit.fake_kernel import FakeKernel
+from tests.unit.fake_kernel import POD, FakeKernel
 
-POD = "/var/run/netns/pod1"
 OWNER = Owner("afxdp", "c1", "net1")
 
 # An IPAM plugin as the CNI protocol sees one: one file per container under ALLOC.
@@ -40,18 +39,6 @@ ADD) : > "ALLOC/$CNI_CONTAINERID"
 DEL) rm -f "ALLOC/$CNI_CONTAINERID" ;;
 esac
 """
-
-
-@pytest.fixture
-def kernel() -> FakeKernel:
-    k = FakeKernel(master="eth0", master_queues=16)
-    k.add_netns(POD)
-    return k
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Path:
-    return tmp_path / "state"
 
 
 @pytest.fixture
