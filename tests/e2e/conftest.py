@@ -94,6 +94,17 @@ def make_netns() -> Iterator[Any]:
             subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+@pytest.fixture
+def root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private bpffs root, for in-process calls (the environment) and the executable."""
+    from cni_netkit.kernel import xsk  # noqa: PLC0415 - libbpf only in the suites that pin
+    from tests.kernel.xsk_support import private_root  # noqa: PLC0415
+
+    with private_root() as r:
+        monkeypatch.setenv(xsk.ROOT_ENV, str(r))
+        yield r
+
+
 @dataclass
 class Outcome:
     code: int

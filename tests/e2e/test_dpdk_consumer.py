@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from tests.e2e.consumers import (
     tagged,
     workload,
 )
-from tests.kernel.xsk_support import FRAME, XDP_REDIRECT, bpf_object, private_root
+from tests.kernel.xsk_support import FRAME, XDP_REDIRECT, bpf_object
 
 pytestmark = pytest.mark.kernel
 
@@ -42,13 +41,6 @@ QPA = 1
 # whole --no-huge memory (-m 64) is an upper bound.
 DPDK_MEMLOCK = 64 << 20
 PMDS = "usr/lib/x86_64-linux-gnu/dpdk/pmds-26.0"
-
-
-@pytest.fixture
-def root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    with private_root() as r:
-        monkeypatch.setenv(xsk.ROOT_ENV, str(r))
-        yield r
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import collections
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +38,12 @@ from tests.e2e.consumers import (
     umem_registration,
     wait_for_sockets,
 )
-from tests.kernel.xsk_support import FRAME, XDP_PASS, bpf_object, private_root
+from tests.kernel.xsk_support import FRAME, XDP_PASS, bpf_object
 
 pytestmark = pytest.mark.kernel
 
 FRAMES_PER_QUEUE = 50
 QPA = 1
-
-
-@pytest.fixture
-def root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    with private_root() as r:
-        monkeypatch.setenv(xsk.ROOT_ENV, str(r))
-        yield r
 
 
 @pytest.fixture

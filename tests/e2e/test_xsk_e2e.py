@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +33,10 @@ from tests.kernel.xsk_support import (
     bpf_object,
     bpftool,
     outer_map,
-    private_root,
     slot_map,
 )
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A private bpffs root, for in-process calls (the environment) and the executable."""
-    with private_root() as r:
-        monkeypatch.setenv(xsk.ROOT_ENV, str(r))
-        yield r
 
 
 @pytest.fixture
