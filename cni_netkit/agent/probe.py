@@ -18,10 +18,15 @@ without leasing:
   need a netkit and a free queue; the agent does not touch the data plane
   to find out, the first ADD will.
 * **Zero-copy AF_XDP** is what the driver advertises in ``xdp-features``
-  (``xsk-zerocopy``; ``xdp-zc-max-segs`` > 1 for multi-buffer). AF_XDP through
-  a netkit needs ``basic``, ``redirect`` and ``xsk-zerocopy`` on the physical
-  device (netkit's ``netkit_xsk_supported_at_phys``), so without zero-copy a
-  pod can hold a lease but cannot bind AF_XDP to it.
+  (``xsk-zerocopy``; ``xdp-zc-max-segs`` > 1 for multi-buffer). A zero-copy
+  bind on a netkit queue is proxied to the physical device only when it has
+  ``basic``, ``redirect`` and ``xsk-zerocopy`` (netkit's
+  ``netkit_xsk_supported_at_phys``, checked for ``XDP_SETUP_XSK_POOL``). A
+  copy-mode bind never reaches that check: the agent's program on the master
+  redirects the leased queue's frames into the attachment's XSKMAP, which needs
+  only native XDP with redirect (``basic``, ``redirect``). So a master without
+  zero-copy still carries AF_XDP through a netkit, in copy mode (the result's
+  ``xskMode``), which the VM suite proves on netdevsim.
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ QueueOps = Literal["proven", "likely", "unknown", "absent"]
 
 # Drivers implementing netdev_queue_mgmt_ops in Linux 7.2 (KERNEL.md).
 QUEUE_MGMT_DRIVERS = frozenset({"mlx5_core", "bnxt_en", "gve", "fbnic", "netdevsim"})
-# What netkit requires of the physical device to proxy AF_XDP (NETDEV_XDP_ACT_XSK).
-XSK_VIA_NETKIT = frozenset({"basic", "redirect", "xsk-zerocopy"})
+# What AF_XDP through a netkit needs of the physical device: the agent's program
+# runs natively there and redirects into an XSKMAP (copy mode).  Zero-copy also
+# needs "xsk-zerocopy" (netkit's NETDEV_XDP_ACT_XSK check).
+XSK_VIA_NETKIT = frozenset({"basic", "redirect"})
 
 
 class ProbeKernel(Protocol):
@@ -80,7 +87,7 @@ class MasterReport:
 
     @property
     def af_xdp_via_netkit(self) -> bool:
-        """A pod can bind AF_XDP on its netkit (the kernel proxies it to this device)."""
+        """A pod can bind AF_XDP on its netkit, at least in copy mode (see ``zerocopy``)."""
         return XSK_VIA_NETKIT.issubset(self.xdp_features)
 
     @property
@@ -205,7 +212,11 @@ def probe_master(
         busy=busy,
     )
     if not report.zerocopy:
-        problems.append("no zero-copy AF_XDP: pods can lease queues but not bind AF_XDP to them")
+        problems.append(
+            "no zero-copy AF_XDP: pods bind AF_XDP to their queues in copy mode only"
+            if report.af_xdp_via_netkit
+            else "no native XDP redirect: pods can lease queues but not receive AF_XDP on them"
+        )
     if report.missing:
         problems.append(f"pool queues {list(report.missing)} do not exist on {name}")
     if ops == "absent":
