@@ -300,10 +300,10 @@ class Agent:
         problems: list[str] = []
         # Records first, pods later: a record written after the pod list was
         # taken would otherwise look orphaned (publish.plan's contract).
-        attachments = list(self.store)
+        attachments, unreadable = self.store.scan()
         # Unreadable ones: the runtime's DEL or GC quarantines them (plugin.commands).
         problems.extend(f"unreadable attachment record {c.path.name}: {c.reason}"
-                        for c in self.store.corrupt())
+                        for c in unreadable)
         kernel = self._kernel()
         try:
             problems.extend(self.steer(pools, startup=False))

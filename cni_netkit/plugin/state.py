@@ -274,19 +274,24 @@ class StateStore:
         except FileNotFoundError:
             return None
 
-    def corrupt(self) -> list[CorruptRecord]:
-        """Every record file that is no attachment (``__iter__`` skips them)."""
+    def scan(self) -> tuple[list[Attachment], list[CorruptRecord]]:
+        """Every record, parsed once: the attachments and the files that are none."""
+        good: list[Attachment] = []
+        bad: list[CorruptRecord] = []
         if not self.dir.is_dir():
-            return []
-        found = []
+            return good, bad
         for p in sorted(self.dir.glob("*.json")):
             try:
-                _parse(p)
+                good.append(_parse(p))
             except CorruptRecord as e:
-                found.append(e)
+                bad.append(e)
             except FileNotFoundError:
-                continue
-        return found
+                continue  # gone since the listing: a DEL finished meanwhile
+        return good, bad
+
+    def corrupt(self) -> list[CorruptRecord]:
+        """Every record file that is no attachment (``__iter__`` skips them)."""
+        return self.scan()[1]
 
     def quarantine(self, bad: CorruptRecord) -> Path | None:
         """Move an unreadable record aside (``attachments/quarantine/``), for people to read.
@@ -310,13 +315,7 @@ class StateStore:
         return True
 
     def __iter__(self) -> Iterator[Attachment]:
-        if not self.dir.is_dir():
-            return
-        for p in sorted(self.dir.glob("*.json")):
-            try:
-                yield _parse(p)
-            except (CorruptRecord, FileNotFoundError):
-                continue  # not an attachment (``corrupt()`` lists them), or gone since
+        return iter(self.scan()[0])
 
 
 def _parse(path: Path) -> Attachment:
