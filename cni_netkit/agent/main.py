@@ -301,6 +301,11 @@ class Agent:
         # Records first, pods later: a record written after the pod list was
         # taken would otherwise look orphaned (publish.plan's contract).
         attachments, unreadable = self.store.scan()
+        # Forget the release failures of records that are gone (the runtime's DEL
+        # or an operator removed them): the table stays as small as the records.
+        live = {a.key for a in attachments}
+        for key in self._release_failures.keys() - live:
+            del self._release_failures[key]
         # Unreadable ones: the runtime's DEL or GC quarantines them (plugin.commands).
         problems.extend(f"unreadable attachment record {c.path.name}: {c.reason}"
                         for c in unreadable)

@@ -393,6 +393,12 @@ def test_a_release_that_keeps_failing_backs_off_and_is_given_up(
     assert any("given up after" in p for p in report.problems)  # and said so every pass
     assert StateStore(cfg.state_dir).load(att.owner) is not None  # kept for a DEL or operator
 
+    # The runtime's DEL (or an operator) removes the record at last: the agent
+    # forgets the failures, so its table is bounded by the records, not by history.
+    StateStore(cfg.state_dir).remove(att.owner)
+    agent.run_pass([POOL])
+    assert agent._release_failures == {}
+
 
 def test_an_unreadable_record_is_reported_by_the_pass(cfg: AgentConfig, kernel: FakeKernel) -> None:
     att = add(kernel, cfg, "vm-1", "c1")
