@@ -137,9 +137,9 @@ def test_each_pods_map_is_delivered_into_its_own_volume_and_carries_its_frames(
     for pod, nk in results.items():
         others = {map_id[p] for p in pods if p != pod} | master_ids
         assert_delivered(nk, volumes[pod], key[pod], map_id[pod], others)
-        out = runtime("CHECK", {**conf, "prevResult": {"cniVersion": "1.1.0"}},
-                      container_id=f"c-{pod}", netns=pods[pod], env=pod_env(pod, kubelet, steered))
-        assert out.code == 0, out.stdout + out.stderr
+    out = runtime("CHECK", {**conf, "prevResult": {"cniVersion": "1.1.0"}},
+                  container_id="c-vm-a", netns=pods["vm-a"], env=pod_env("vm-a", kubelet, steered))
+    assert out.code == 0, out.stdout + out.stderr  # CHECK reads the pod's pin back too
     # Each pod's bpffs is an instance of its own, neither the node's nor another pod's.
     assert len({root.stat().st_dev} | {(v / POD_BPFFS).stat().st_dev
                                        for v in volumes.values()}) == 3
@@ -172,9 +172,9 @@ def test_each_pods_map_is_delivered_into_its_own_volume_and_carries_its_frames(
         assert f"{volumes[pod]}/{POD_BPFFS}" not in mounts()
         assert list(volumes[pod].iterdir()) == []  # as the kubelet made it: it can remove it
         assert netkit_links(netns) == []
-        out = runtime("DEL", conf, container_id=f"c-{pod}", netns=netns,
-                      env=pod_env(pod, kubelet, steered))
-        assert (out.code, out.stdout) == (0, ""), out.stderr  # again: idempotent
+    out = runtime("DEL", conf, container_id="c-vm-a", netns=pods["vm-a"],
+                  env=pod_env("vm-a", kubelet, steered))
+    assert (out.code, out.stdout) == (0, ""), out.stderr  # again: idempotent
     assert leased_queues(steered) == {} and xsk.wiring(steered.name) == {}
     assert not (root / "pods").exists()
 
