@@ -103,6 +103,19 @@ def test_the_dpdk_vdev_uses_the_pinned_map_and_no_busy_polling() -> None:
     assert nk(map_path="/m", map_start_index=1).dpdk_vdev is None
 
 
+def test_dpdk_vdevs_are_one_port_per_netkit_queue_for_any_number_of_queues() -> None:
+    two = nk(map_path="/run/netkit/cni-netkit/afxdp:c1:net1", map_start_index=1)
+    assert two.dpdk_vdevs == tuple(
+        f"net_af_xdp_net1_{q},iface=net1,start_queue={q},queue_count=1,shared_umem=1,"
+        "use_pinned_map=1,dp_path=/run/netkit/cni-netkit/afxdp:c1:net1,busy_budget=0"
+        for q in (1, 2))
+    out = Result(netkit=two).encode("1.1.0")["netkit"]
+    assert "dpdkVdev" not in out and out["dpdkVdevs"] == list(two.dpdk_vdevs)
+    assert dataclasses.replace(two, map_path="/m,n").dpdk_vdevs is None
+    assert nk().dpdk_vdevs is None and "dpdkVdevs" not in Result(netkit=nk()).encode("1.1.0")[
+        "netkit"]
+
+
 def test_the_xsk_mode_follows_the_masters_xdp_features() -> None:
     assert afxdp.xsk_mode({"basic", "redirect", "xsk-zerocopy"}) == "zerocopy"
     assert afxdp.xsk_mode({"basic", "redirect"}) == "copy"
