@@ -54,11 +54,14 @@ DEFAULT_STATE_DIR: Final = "/var/lib/cni/netkit"
 STATE_DIRS_ENV: Final = "CNI_NETKIT_STATE_DIRS"  # stateDir must be one of these
 LOG_DIRS_ENV: Final = "CNI_NETKIT_LOG_DIRS"  # logFile must be inside one of these
 DEVICE_INFO_DIRS_ENV: Final = "CNI_NETKIT_DEVICE_INFO_DIRS"  # CNIDeviceInfoFile inside one
+KUBELET_ROOTS_ENV: Final = "CNI_NETKIT_KUBELET_ROOTS"  # kubeletRoot must be one of these
 # The masters and queues a config may lease: "eth1=8-15;eth2=0-3,6" (queue lists as in
 # "queues").  Unset: any (a node without multi-tenant NADs); docs/security.md.
 MASTERS_ENV: Final = "CNI_NETKIT_MASTERS"
 DEFAULT_STATE_DIRS: Final = (DEFAULT_STATE_DIR,)
 DEFAULT_LOG_DIRS: Final = ("/var/log/cni-netkit",)
+DEFAULT_KUBELET_ROOT: Final = "/var/lib/kubelet"
+DEFAULT_XSK_MAP_MOUNT_PATH: Final = "/run/netkit"
 # Multus writes device-info files under <base>/devinfo/cni (nadutils); /var/run is /run.
 DEFAULT_DEVICE_INFO_DIRS: Final = (
     "/run/k8s.cni.cncf.io/devinfo",
@@ -91,6 +94,7 @@ _IGNORED_KEYS: Final = frozenset({"dns", "ipMasq"})
 
 # Go's utils.ValidateContainerID: also keeps the id a safe single file-name component.
 _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _MAC = re.compile(r"[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(?:\1[0-9a-fA-F]{2}){4}")
 _QUEUE_SPAN = re.compile(r"(\d{1,10})(?:\s*-\s*(\d{1,10}))?")
 
@@ -172,6 +176,13 @@ def _supported_version(version: str) -> str:
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(f"{version!r} is not one of {', '.join(SUPPORTED_VERSIONS)}")
     return version
+
+
+def _volume_name(name: str) -> str:
+    # A pod volume's name is a DNS-1123 label: also a safe single path component.
+    if not _DNS_LABEL.fullmatch(name):
+        raise ValueError(f"must be a DNS-1123 label (a pod volume's name), got {_short(name)}")
+    return name
 
 
 def _network_name(name: str) -> str:
@@ -298,6 +309,13 @@ class NetConf(BaseModel):
     # Who may open the attachment's pinned XSK map (docs/af_xdp.md): "<uid>:<gid>"
     # of the pod's AF_XDP workload; unset, root only.
     xsk_map_owner: Annotated[StrictStr, AfterValidator(_uid_gid)] | None = None
+    # Delivery of that map into the pod (docs/af_xdp.md): the name of an emptyDir
+    # volume of the pod, where ADD mounts a bpffs of the pod's own holding the pin
+    # (unset: no delivery); that volume's mountPath in the workload's container, for
+    # the result's mapPath; the kubelet's root directory (the node's KUBELET_ROOTS_ENV).
+    xsk_map_volume: Annotated[StrictStr, AfterValidator(_volume_name)] | None = None
+    xsk_map_mount_path: AbsolutePath = DEFAULT_XSK_MAP_MOUNT_PATH
+    kubelet_root: AbsolutePath = DEFAULT_KUBELET_ROOT
     runtime_config: RuntimeConfig = RuntimeConfig()
     capabilities: dict[str, StrictBool] = {}
     prev_result: dict[str, Any] | None = None  # parse with result.Result.from_prev
@@ -426,6 +444,11 @@ class Invocation:
         """``K8S_POD_NAME`` when the runtime is Kubernetes."""
         return self.args.get("K8S_POD_NAME") or None
 
+    @property
+    def pod_uid(self) -> str | None:
+        """``K8S_POD_UID`` when the runtime is Kubernetes."""
+        return self.args.get("K8S_POD_UID") or None
+
 
 def parse_invocation(environ: Mapping[str, str], stdin: bytes) -> Invocation:
     """Decode and validate one request; raise the NetkitError the runtime should see."""
@@ -504,6 +527,13 @@ def _check_places(config: NetConf, environ: Mapping[str, str]) -> None:
             f"stateDir {_short(config.state_dir)} is not a state directory of this node",
             f"allowed: {', '.join(states) or 'none'} (set by the node's {STATE_DIRS_ENV})",
         )
+    if config.xsk_map_volume is not None:  # the plugin mounts below it: the admin's say
+        roots = allowed_dirs(environ, KUBELET_ROOTS_ENV, (DEFAULT_KUBELET_ROOT,))
+        if config.kubelet_root not in roots:
+            raise errors.InvalidConfig(
+                f"kubeletRoot {_short(config.kubelet_root)} is not a kubelet root of this node",
+                f"allowed: {', '.join(roots) or 'none'} (set by the node's {KUBELET_ROOTS_ENV})",
+            )
     places = (
         ("logFile", config.log_file, LOG_DIRS_ENV, DEFAULT_LOG_DIRS),
         ("runtimeConfig.CNIDeviceInfoFile", config.runtime_config.cni_device_info_file,

@@ -148,6 +148,26 @@ class NetkitResult:
         )
 
     @property
+    def dpdk_vdevs(self) -> tuple[str, ...] | None:
+        """DPDK ``--vdev`` arguments for these queues, one AF_XDP port per queue; None
+        without a map (or a comma in a value, as for ``dpdk_vdev``).
+
+        The PMD refuses a port of more queues than the device's combined channel
+        count, which it takes as 1 on a netkit (it answers ETHTOOL_GCHANNELS with
+        EOPNOTSUPP: netkit has no ethtool channels), but it does not compare
+        ``start_queue`` with it: one port per netkit queue carries them all. Port
+        names are unique per interface, so a pod's attachments can share one app.
+        ``shared_umem=1``: ports drawing on one mempool register it as UMEM once,
+        not once per port, against the workload's RLIMIT_MEMLOCK.
+        """
+        if self.map_path is None or "," in self.interface + self.map_path:
+            return None
+        return tuple(
+            f"net_af_xdp_{self.interface}_{q.id},iface={self.interface},start_queue={q.id},"
+            f"queue_count=1,shared_umem=1,use_pinned_map=1,dp_path={self.map_path},"
+            "busy_budget=0" for q in sorted(self.queues, key=lambda q: q.id))
+
+    @property
     def afxdp_unavailable(self) -> str | None:
         """Why an AF_XDP consumer cannot receive these queues' frames (None: it can)."""
         if self.map_path is not None:
@@ -339,6 +359,8 @@ def consumer_fields(nk: NetkitResult) -> dict[str, Any]:
     out: dict[str, Any] = {"qemuNetdev": nk.qemu_netdev}
     if nk.dpdk_vdev is not None:
         out["dpdkVdev"] = nk.dpdk_vdev
+    if nk.dpdk_vdevs is not None:
+        out["dpdkVdevs"] = list(nk.dpdk_vdevs)
     out["mapPath"] = nk.map_path
     out["mapStartIndex"] = nk.map_start_index
     if nk.xsk_mode is not None:

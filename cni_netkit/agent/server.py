@@ -16,8 +16,10 @@ Trust and isolation:
   executable runs in another network namespace, whose ``CNI_NETNS`` is
   another namespace here (e.g. a container without the DaemonSet's
   ``/var/run/netns`` mount), or that names a path (``view_paths``: stateDir,
-  logFile, CNIDeviceInfoFile, host-local's dataDir, the bpffs pins) that the
-  agent sees as other files than the executable does, is refused, and the
+  logFile, CNIDeviceInfoFile, host-local's dataDir, the bpffs pins; the mount
+  namespace itself when the request mounts: another IPAM plugin than
+  host-local, ``xskMapVolume``) that the agent sees as other files than the
+  executable does, is refused, and the
   client runs it itself.  ``CNI_PATH`` matters only when IPAM is delegated
   (the plugin runs nothing else from it); then each of its directories must
   be the same directory here, either at the same path or at one of the
@@ -401,6 +403,10 @@ def view_paths(environ: Mapping[str, str], stdin: bytes) -> list[str]:
             else:
                 paths.append("/proc/self/ns/mnt")  # each side's own mount namespace
         paths.append(str(xsk.bpf_root()))
+        if conf.get("xskMapVolume") is not None:
+            # ADD mounts a bpffs into the pod's volume, DEL unmounts it: a mount made in
+            # the agent's container would never reach the host, nor the pod.
+            paths.append("/proc/self/ns/mnt")
     unique = dict.fromkeys(p for p in paths if p.startswith("/") and "\0" not in p)
     return list(unique)[:_MAX_VIEW_PATHS]
 

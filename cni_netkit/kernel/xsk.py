@@ -52,8 +52,8 @@ __all__ = [  # the pins' layout (kernel.bpffs) is part of this module's interfac
     "DEFAULT_ROOT", "LINK_PIN", "OUTER_MAP", "PROGRAM", "ROOT_ENV", "SLOT_MAP", "XSK_QUEUES",
     "XSK_SLOTS", "ProgramAction", "ProgramChange", "Wiring", "XdpMode", "XdpProgram", "XskMap",
     "XskSlot", "bpf_root", "clear_socket", "create_map", "ensure_program", "insert_socket",
-    "map_id", "master_dir", "program", "reconcile", "remove_map", "remove_program", "steering",
-    "unwire", "verdict", "wire", "wiring",
+    "map_id", "master_dir", "pin_again", "program", "reconcile", "remove_map", "remove_program",
+    "steering", "unwire", "verdict", "wire", "wiring",
 ]
 
 # Mirrors of bpf/xsk_redirect.h (tests/unit/test_xsk_abi.py keeps them equal).
@@ -342,6 +342,25 @@ def create_map(path: Path, *, owner: tuple[int, int] | None = None) -> XskMap:
             raise kernel_error(e.errno or errno.EPERM, f"give the XSK map pin {path} to {whom}",
                                str(e)) from e
         return XskMap(str(path), bpf.map_info(fd).id)
+
+
+def pin_again(path: Path, at: Path, *, owner: tuple[int, int] | None = None) -> None:
+    """Pin the map pinned at ``path`` a second time, at ``at`` (e.g. on a pod's own bpffs
+    instance), mode 0600 and owned by ``owner`` as ``create_map`` does; replaces a pin
+    already at ``at`` (a leftover of the same owner's earlier ADD)."""
+    fd = _open_pin(path)
+    if fd is None:
+        raise NotFound(f"no XSK map pinned at {path}", err=errno.ENOENT)
+    with _fd(fd):
+        at.unlink(missing_ok=True)
+        bpf.obj_pin(fd, str(at))
+    try:
+        _restrict_pin(at, owner)
+    except OSError as e:
+        at.unlink(missing_ok=True)
+        whom = f"uid:gid {owner[0]}:{owner[1]}" if owner else "root"
+        raise kernel_error(e.errno or errno.EPERM, f"give the XSK map pin {at} to {whom}",
+                           str(e)) from e
 
 
 def _restrict_pin(path: Path, owner: tuple[int, int] | None) -> None:

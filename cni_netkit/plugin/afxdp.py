@@ -2,7 +2,8 @@
 
 On a master the node agent has set up (``kernel.xsk.ensure_program`` pinned
 its maps and attached the XDP program), ADD of a ``single`` netkit gives the
-attachment its own XSK map, pinned where the pod can bind-mount it, and
+attachment its own XSK map, pinned on the node's bpffs (and, with
+``xskMapVolume``, again on a bpffs of the pod's own in its emptyDir), and
 wires every leased physical queue into the master's outer map:
 
     physical queue q (leased as netkit queue k)  ->  this map, index k
@@ -25,10 +26,12 @@ Pins (``kernel.bpffs.bpf_root()``, default ``/sys/fs/bpf/cni-netkit``)::
     pods/<k8s namespace>/<pod name>/<attachment key>   with K8S_POD_* args
     containers/<attachment key>                        without
 
-One directory per pod, known before the pod exists, so a pod spec can
-mount exactly its own (``manifests/examples/qemu-pod.yaml``); the file name
-is the attachment's record key (network, container id, ifname), so GC can
-tell whose a pin is even when the record is lost.
+The file name is the attachment's record key (network, container id,
+ifname), so GC can tell whose a pin is even when the record is lost. With
+``xskMapVolume`` the same name is pinned on a fresh bpffs instance that ADD
+mounts on ``cni-netkit/`` of the pod's emptyDir of that name (``_deliver``):
+the pod's spec names no node path, so it can reach no other pod's pin nor
+the master's maps.
 
 ``kernel.xsk`` (ctypes, libbpf) is imported only where a master has steering
 or an attachment has a map: other requests pay one path check.
@@ -36,6 +39,7 @@ or an attachment has a map: other requests pay one path check.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable
 from contextlib import ExitStack
@@ -46,7 +50,14 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from cni_netkit.config import NetConf
-from cni_netkit.errors import CheckFailed, Degraded, InvalidConfig, NetkitError, NotAvailable
+from cni_netkit.errors import (
+    CheckFailed,
+    Degraded,
+    InvalidConfig,
+    IOFailure,
+    NetkitError,
+    NotAvailable,
+)
 from cni_netkit.kernel import bpffs
 from cni_netkit.kernel.types import KernelAPI
 from cni_netkit.plugin.lock import master_lock
@@ -62,9 +73,18 @@ MAP_PATH = "map_path"
 MAP_START_INDEX = "map_start_index"
 MAP_ID = "map_id"
 XSK_MODE = "xsk_mode"
+VOLUME_PIN = "volume_pin"  # the second pin, on the pod's own bpffs in its volume (host path)
+POD_MAP_PATH = "pod_map_path"  # that pin as the pod's workload sees it
+POD_UID = "pod_uid"
 
 # Kubernetes namespace and pod names (DNS-1123 subdomain): safe as path components.
 _K8S_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+# A pod's metadata.uid: a UUID (a hash for static pods); one safe path component.
+_POD_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
+EMPTY_DIR = "kubernetes.io~empty-dir"  # the kubelet's directory of a pod's emptyDir volumes
+# The pod's bpffs is mounted on this directory of its volume, so that the volume
+# stays usable for what else the pod keeps there (virt-launcher's "private").
+POD_BPFFS = "cni-netkit"
 
 
 # --- pure decisions --------------------------------------------------------------------
@@ -82,6 +102,19 @@ def pin_path(
 
 def _is_k8s_name(name: str | None) -> bool:
     return bool(name) and name not in (".", "..") and _K8S_NAME.fullmatch(str(name)) is not None
+
+
+def volume_dir(kubelet_root: str, pod_uid: str | None, volume: str) -> Path:
+    """Where the kubelet keeps the pod's emptyDir ``volume`` on the node; InvalidEnvironment
+    without a usable ``K8S_POD_UID`` (the pod's directory is named by it)."""
+    if not pod_uid or not _POD_UID.fullmatch(pod_uid):
+        from cni_netkit.errors import InvalidEnvironment  # noqa: PLC0415
+
+        raise InvalidEnvironment(
+            "xskMapVolume needs the pod's K8S_POD_UID in CNI_ARGS",
+            f"got {pod_uid!r}: the map is delivered into <kubeletRoot>/pods/<uid>/volumes/"
+            f"{EMPTY_DIR}/{volume}")
+    return Path(kubelet_root) / "pods" / pod_uid / "volumes" / EMPTY_DIR / volume
 
 
 def slots(queues: Iterable[LeasedQueue]) -> tuple[xsk.XskSlot, ...]:
@@ -168,23 +201,87 @@ def wire(cfg: NetConf, att: Attachment, undo: ExitStack, kernel: KernelAPI,
     mode = xsk_mode(kernel.dev_get(master_ifindex).xdp_features)
     extra = {**att.extra, MAP_PATH: xsk_map.path, MAP_START_INDEX: start_index(att.queues),
              MAP_ID: xsk_map.map_id, XSK_MODE: mode}
+    if cfg.xsk_map_volume is not None:
+        extra |= _deliver(cfg, path, att.extra.get(POD_UID), undo)
     return replace(att, extra=extra)
+
+
+def _deliver(cfg: NetConf, pin: Path, pod_uid: str | None, undo: ExitStack) -> dict[str, str]:
+    """Pin the map a second time on a bpffs instance of the pod's own, mounted on its
+    emptyDir ``xskMapVolume``: the record's keys for it (the pin, the path the pod sees).
+
+    The kubelet sets a pod's volumes up before the sandbox's CNI ADD, and the
+    containers are made after it, so each bind-mounts the volume with our
+    mount on it. That instance holds this pod's pins only: nothing in the pod
+    names the node's bpffs, the master's maps or another pod's map.
+    """
+    from cni_netkit.kernel import xsk  # noqa: PLC0415 - see the module docstring
+
+    volume = str(cfg.xsk_map_volume)
+    where = volume_dir(cfg.kubelet_root, pod_uid, volume)
+    try:
+        mounted = bpffs.mount_instance(where, POD_BPFFS)
+    except FileNotFoundError as e:
+        raise InvalidConfig(
+            f"the pod has no emptyDir volume {volume!r} for its XSK map",
+            f"{where} is missing: declare volumes: [{{name: {volume}, emptyDir: {{}}}}] in the "
+            f"pod spec and mount it at {cfg.xsk_map_mount_path} (xskMapVolume, "
+            "xskMapMountPath; docs/af_xdp.md)") from e
+    except OSError as e:  # a link or file planted at our directory, no CAP_SYS_ADMIN, ...
+        raise IOFailure(f"cannot mount a bpffs for the XSK map on {where}/{POD_BPFFS}",
+                        e.strerror or str(e)) from e
+    instance = where / POD_BPFFS
+    if mounted:  # else: another attachment of this pod mounted it
+        undo.callback(_quietly, "unmount the pod's bpffs", _unmount_if_empty, instance)
+    at = instance / pin.name
+    xsk.pin_again(pin, at, owner=cfg.map_owner)
+    undo.callback(_quietly, "unpin the pod's XSK map", at.unlink, True)
+    log.info("delivered XSK map into the pod", volume=str(where), map_path=str(at))
+    return {VOLUME_PIN: str(at),
+            POD_MAP_PATH: f"{cfg.xsk_map_mount_path}/{POD_BPFFS}/{pin.name}"}
+
+
+def _undeliver(at: Path) -> None:
+    """Remove a pin on a pod's bpffs, and that instance once it holds no pin; all of it
+    already gone is fine. Nothing is touched unless a bpffs is mounted there (without it
+    the path is a file of the pod's own volume)."""
+    if not bpffs.is_instance(at.parent):
+        return
+    if at.exists():
+        at.unlink(missing_ok=True)
+        log.info("unpinned the pod's XSK map", map_path=str(at))
+    _unmount_if_empty(at.parent)
+
+
+def _unmount_if_empty(where: Path) -> None:
+    if bpffs.is_instance(where) and not any(where.iterdir()):
+        bpffs.unmount_instance(where)  # and its directory: the volume is as the pod left it
+        log.info("unmounted the pod's bpffs", volume=str(where))
 
 
 # --- DEL and GC ------------------------------------------------------------------------
 
 
 def release(
-    cfg: NetConf, owner: Owner, att: Attachment | None,
-    pod_namespace: str | None = None, pod_name: str | None = None,
+    cfg: NetConf, owner: Owner, att: Attachment | None, *,
+    pod_namespace: str | None = None, pod_name: str | None = None, pod_uid: str | None = None,
 ) -> None:
-    """Unwire and unpin the attachment's XSK map; all of it already gone is fine.
+    """Unwire and unpin the attachment's XSK map (and its pin in the pod's volume); all
+    of it already gone is fine.
 
-    The path comes from the record, else is derived from the request as ADD
-    derived it; the slots to empty are those still pointing at that map.
+    The paths come from the record, else are derived from the request as ADD
+    derived them; the slots to empty are those still pointing at that map.
     """
     root = bpffs.bpf_root()
     master = att.master if att else cfg.master
+    delivered = att.extra.get(VOLUME_PIN) if att else None
+    if delivered:
+        _undeliver(Path(delivered))
+    elif att is None and cfg.xsk_map_volume is not None and pod_uid:
+        with contextlib.suppress(NetkitError):  # no usable uid: ADD delivered nothing
+            name = pin_path(root, owner, pod_namespace, pod_name).name
+            _undeliver(volume_dir(cfg.kubelet_root, pod_uid, cfg.xsk_map_volume)
+                       / POD_BPFFS / name)
     recorded = att.extra.get(MAP_PATH) if att else None
     if recorded:
         path = Path(recorded)
@@ -239,6 +336,16 @@ def gc(cfg: NetConf, kernel: KernelAPI, valid: frozenset[tuple[str, str]],
             continue
         if (owner.container_id, owner.ifname) not in valid:
             _try(failures, f"{path}", _release_pin, cfg, path)
+    if cfg.xsk_map_volume is not None:
+        for where in bpffs.instances_below(Path(cfg.kubelet_root) / "pods"):
+            if (where.name, where.parent.name, where.parent.parent.name) != (
+                    POD_BPFFS, cfg.xsk_map_volume, EMPTY_DIR):
+                continue
+            for at in bpffs.pinned_files(where):
+                owner = owner_of_pin(at)
+                if (owner is not None and owner.network == cfg.name
+                        and (owner.container_id, owner.ifname) not in valid):
+                    _try(failures, f"{at}", _undeliver, at)
     if _steering(cfg.master):
         _try(failures, f"dead XSK slots of {cfg.master}", _sweep, cfg, kernel)
 
@@ -285,6 +392,10 @@ def check(att: Attachment) -> None:
     if att.extra.get(MAP_ID) not in (None, map_id):
         raise CheckFailed(f"XSK map {path} was replaced",
                           f"map id {map_id}, ADD pinned {att.extra[MAP_ID]}")
+    delivered = att.extra.get(VOLUME_PIN)
+    if delivered and xsk.map_id(Path(delivered)) != map_id:
+        raise CheckFailed("the pod's volume does not hold its XSK map any more",
+                          f"{delivered} is not map id {map_id}")
     prog = xsk.program(att.master)
     if not prog.attached:
         raise CheckFailed(f"master {att.master} has no cni-netkit XDP program attached",

@@ -302,7 +302,8 @@ def _teardown(
     """
     cfg = inv.config
     # Stop steering the queues before they go back to the pool.
-    afxdp.release(cfg, owner, att, inv.pod_namespace, inv.pod_name)
+    afxdp.release(cfg, owner, att, pod_namespace=inv.pod_namespace, pod_name=inv.pod_name,
+                  pod_uid=inv.pod_uid)
     if netns:  # without a netns the pod side died with it (or never existed)
         _delete_if_ours(kernel, owner, owner.ifname, netns)
         if att is None or not att.queues:  # an ADD killed inside the netkit's creation

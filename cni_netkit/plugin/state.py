@@ -116,7 +116,8 @@ class Attachment:
             interface=self.ifname,
             queues=tuple(NetkitQueue(q.netkit_queue, q.master_queue) for q in self.queues),
             # set by plugin.afxdp when the master has AF_XDP steering
-            map_path=self.extra.get("map_path"),
+            # as the pod sees it when the map is delivered into its volume
+            map_path=self.extra.get("pod_map_path") or self.extra.get("map_path"),
             map_start_index=self.extra.get("map_start_index"),
             xsk_mode=self.extra.get("xsk_mode"),
         )
@@ -181,6 +182,7 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
 # The keys of ``extra`` the plugin and the agent read (plugin.afxdp, agent.publish).
 _EXTRA: dict[str, type] = {
     "map_path": str, "map_start_index": int, "map_id": int, "xsk_mode": str, "pod_uid": str,
+    "volume_pin": str, "pod_map_path": str,
 }
 
 

@@ -212,8 +212,12 @@ class Qemu:
         return self.log.read_text(errors="replace")
 
 
-def start_qemu(netns: str, qemu_netdev: str, *, memlock: int, privileged: bool = False) -> Qemu:
+def start_qemu(netns: str, qemu_netdev: str, *, memlock: int, privileged: bool = False,
+               view: Sequence[str] = ()) -> Qemu:
     """QEMU with ``-netdev af-xdp,id=xdp0,<qemu_netdev>`` hubbed to a dgram socket we read.
+
+    ``view``: a command prefix that execs the rest in another mount namespace
+    (``pod_view``), as the container's filesystem.
 
     Without a guest there is no multi-queue NIC to peer with: the hub takes
     the af-xdp netdev's first queue, and frames QEMU reads from any other
@@ -231,10 +235,20 @@ def start_qemu(netns: str, qemu_netdev: str, *, memlock: int, privileged: bool =
     )
     log = d / "qemu.log"
     with log.open("wb") as out:
-        cmd = (["nsenter", f"--net={netns}", *argv] if privileged
-               else workload(netns, argv, memlock=memlock))
+        cmd = [*view, *(["nsenter", f"--net={netns}", *argv] if privileged
+                        else workload(netns, argv, memlock=memlock))]
         proc = subprocess.Popen(cmd, stdout=out, stderr=out)
     return Qemu(proc, sink, log)
+
+
+def pod_view(volume: Path, mount_path: str) -> list[str]:
+    """A command prefix: what follows runs in a mount namespace of its own with the pod's
+    volume at ``mount_path`` (bind-mounted with what is mounted in it, as the runtime
+    mounts a container's volumes) and the node's bpffs unmounted: what is pinned there is
+    reachable through the volume only."""
+    script = (f"umount -l /sys/fs/bpf && mkdir -p {mount_path} && "
+              f'mount --rbind {volume} {mount_path} && exec "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script, "pod-view"]
 
 
 def wait_for_sockets(qemu: Qemu, master: str, queues: list[int], timeout: float = 120) -> None:

@@ -10,6 +10,7 @@ queue, nothing from the other pod's queue. One queue: the PMD refuses
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -57,18 +58,21 @@ def k8s_env(pod: str) -> dict[str, str]:
             xsk.ROOT_ENV: str(xsk.bpf_root())}
 
 
-def start_testpmd(netns: str, vdev: str, queues: int) -> subprocess.Popen[str]:
-    """testpmd receiving on ``vdev``'s queues until a newline on stdin, then printing stats."""
+def start_testpmd(netns: str, vdev: str | list[str], queues: int,
+                  memlock: int = DPDK_MEMLOCK) -> subprocess.Popen[str]:
+    """testpmd receiving on ``vdev``'s queues (a port per vdev) until a newline on stdin,
+    then printing stats."""
+    vdevs = [vdev] if isinstance(vdev, str) else vdev
     pmds = sid_program("dpdk", PMDS)[-1]
     argv = sid_program(
         "dpdk", "usr/bin/dpdk-testpmd", "--no-huge", "-m", "64", "--no-pci", "--in-memory",
         "--no-telemetry", "--lcores", "(0,1)@0",  # main and forwarding lcore on the VM's CPU
         "-d", f"{pmds}/librte_mempool_ring.so.26", "-d", f"{pmds}/librte_net_af_xdp.so.26",
-        "--vdev", vdev, "--",
+        *(a for v in vdevs for a in ("--vdev", v)), "--",
         "--forward-mode=rxonly", f"--rxq={queues}", f"--txq={queues}", "--nb-cores=1",
         "--total-num-mbufs=8192", "--rxd=256", "--txd=256", "--no-mlockall",
     )
-    return subprocess.Popen(workload(netns, argv, memlock=DPDK_MEMLOCK),
+    return subprocess.Popen(workload(netns, argv, memlock=memlock),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -82,6 +86,12 @@ def per_queue(stats: str) -> dict[int, int]:
         return streams
     (port,) = re.findall(r"Forward statistics for port 0 +-+\n\s+RX-packets: (\d+)", stats)
     return {0: int(port)}
+
+
+def per_port(stats: str) -> dict[int, int]:
+    """RX packets by port from testpmd's statistics at exit."""
+    return {int(p): int(n) for p, n in re.findall(
+        r"Forward statistics for port (\d+) +-+\n\s+RX-packets: (\d+)", stats)}
 
 
 def test_testpmd_counts_exactly_the_frames_of_its_leased_queues(
@@ -123,4 +133,53 @@ def test_testpmd_counts_exactly_the_frames_of_its_leased_queues(
         out = runtime("DEL", {**conf, "prevResult": results[pod]}, container_id=f"c-{pod}",
                       netns=netns, env=k8s_env(pod), cold=True)
         assert (out.code, out.stdout) == (0, ""), out.stderr
+    assert leased_queues(steered) == {} and xsk.wiring(steered.name) == {}
+
+
+def test_a_two_queue_attachment_is_one_testpmd_port_per_queue(
+    steered: Nic, root: Path, make_netns: Any, runtime: Runtime
+) -> None:
+    """The PMD takes a netkit's combined channel count as 1 (ETHTOOL_GCHANNELS is not
+    supported there), so ``queue_count=2`` is refused; the result's ``dpdkVdevs``, one
+    port per netkit queue, carry both queues: exact counts per queue, none from a
+    queue of the pool this pod did not lease. Within DPDK_MEMLOCK thanks to the ports'
+    ``shared_umem=1``: without it each port registers testpmd's whole mbuf pool again,
+    and the second registration is refused there (ENOBUFS; both fit in twice that)."""
+    conf = runtime.conf(steered.name, queues="1-4", queuesPerAttachment=2,
+                        xskMapOwner=WORKLOAD_OWNER)
+    netns = make_netns()
+    env = k8s_env("vm-a")
+    out = runtime("ADD", conf, container_id="c-vm-a", netns=netns, env=env)
+    assert out.code == 0, out.stdout + out.stderr
+    nk = out.json["netkit"]
+    queues = sorted(nk["queues"], key=lambda q: q["id"])
+    mine = [q["masterQueue"] for q in queues]
+    assert "dpdkVdev" not in nk and len(nk["dpdkVdevs"]) == 2
+    channels = subprocess.run(["nsenter", f"--net={netns}", "ethtool", "-l", "net1"],
+                              capture_output=True, text=True, check=False)
+    assert channels.returncode != 0 and "Operation not supported" in channels.stderr, channels
+
+    pmd = start_testpmd(netns, nk["dpdkVdevs"], 1)
+    sent = {0: 30, 1: 50}  # port i is netkit queue queues[i]: different counts tell them apart
+    try:
+        deadline = time.monotonic() + 120
+        while not all(xsk.verdict(steered.name, q, FRAME) == XDP_REDIRECT for q in mine):
+            assert pmd.poll() is None, pmd.communicate()[0]
+            assert time.monotonic() < deadline, "testpmd's sockets never arrived in the map"
+            time.sleep(0.2)
+        for port, q in enumerate(mine):
+            send_on_rx_queue(steered, q, (tagged(tag("x", q, i)) for i in range(sent[port])))
+        for q in sorted({1, 2, 3, 4} - set(mine)):  # the pool's other queues: not ours
+            send_on_rx_queue(steered, q, (tagged(tag("y", q, i)) for i in range(20)))
+        stats, _ = pmd.communicate("\n", timeout=120)
+    finally:
+        if pmd.poll() is None:
+            pmd.kill()
+            pmd.wait()
+    assert pmd.returncode == 0, stats
+    print(json.dumps({"sent per port": sent, "received per port": per_port(stats)}))
+    assert per_port(stats) == sent, stats
+    out = runtime("DEL", {**conf, "prevResult": out.json}, container_id="c-vm-a", netns=netns,
+                  env=env)
+    assert (out.code, out.stdout) == (0, ""), out.stderr
     assert leased_queues(steered) == {} and xsk.wiring(steered.name) == {}

@@ -210,3 +210,35 @@ def test_lease_only_arguments_cannot_carry_traffic(
     assert ("failed to create AF_XDP socket for net1 queue_id: 1: Device or resource busy"
             in as_root.output), as_root.output
     delete(runtime, conf, "vm-a", netns, result)
+
+
+def test_qemu_with_two_queues_has_its_sockets_at_indexes_1_and_2(
+    steered: Nic, root: Path, make_netns: Any, runtime: Runtime
+) -> None:
+    """``queuesPerAttachment: 2``, QEMU ``queues=2`` with the result's arguments verbatim:
+    QEMU binds one socket to each netkit queue and inserts it at that queue id, so the
+    program redirects each leased queue to it. (Frame counts per queue need a guest's
+    multi-queue NIC: without one, nothing came out of QEMU's hub with ``queues=2``.)"""
+    conf = runtime.conf(steered.name, queues="1-4", queuesPerAttachment=2,
+                        xskMapOwner=WORKLOAD_OWNER)
+    netns = make_netns()
+    result = add(runtime, conf, "vm-a", netns)
+    nk = result["netkit"]
+    queues = sorted(nk["queues"], key=lambda q: q["id"])
+    assert [q["id"] for q in queues] == [1, 2]
+    assert "queues=2,start-queue=1," in nk["qemuNetdev"]
+    assert nk["qemuNetdev"].endswith(",map-start-index=1")
+    leased = [q["masterQueue"] for q in queues]
+    assert {xsk.verdict(steered.name, q, FRAME) for q in leased} == {XDP_PASS}
+    qemu = start_qemu(netns, nk["qemuNetdev"], memlock=2 * QEMU_UMEM)
+    try:
+        wait_for_sockets(qemu, steered.name, leased)  # a socket at each queue's index
+        assert xdp_sockets(netns).count("zc:0") == 2, xdp_sockets(netns)
+        wired = xsk.wiring(steered.name, leased)
+        assert {q: wired[q].index for q in leased} == {leased[0]: 1, leased[1]: 2}
+    finally:
+        rc = qemu.stop()
+    assert rc == 0, qemu.output
+    assert {xsk.verdict(steered.name, q, FRAME) for q in leased} == {XDP_PASS}
+    delete(runtime, conf, "vm-a", netns, result)
+    assert leased_queues(steered) == {} and xsk.wiring(steered.name) == {}

@@ -277,6 +277,8 @@ def run_qemu_entrypoint(tmp_path: Path, leases: str) -> subprocess.CompletedProc
 # The example pod's entrypoint runs jq: its image has it, and scripts/bootstrap installs it
 # here (scripts/host-packages.list), so these tests run on every machine rather than skip.
 def test_qemu_pod_passes_the_published_lease_to_qemu(tmp_path: Path) -> None:
+    conf = NetConf.model_validate(nad_plugin())
+    key = "netkit-ens1f0np0:c1:net1"
     att = Attachment(
         container_id="c1",
         ifname="net1",
@@ -291,7 +293,9 @@ def test_qemu_pod_passes_the_published_lease_to_qemu(tmp_path: Path) -> None:
         pod_namespace="default",
         pod_name="qemu-afxdp",
         extra={
-            "map_path": "/sys/fs/bpf/cni-netkit/pods/default/qemu-afxdp/netkit-ens1f0np0:c1:net1",
+            "map_path": f"/sys/fs/bpf/cni-netkit/pods/default/qemu-afxdp/{key}",
+            # What ADD records when it delivers the map into the pod's volume (afxdp._deliver).
+            "pod_map_path": f"{conf.xsk_map_mount_path}/cni-netkit/{key}",
             "map_start_index": 1,
         },
     )
@@ -304,16 +308,25 @@ def test_qemu_pod_passes_the_published_lease_to_qemu(tmp_path: Path) -> None:
         line.removeprefix("ARG ") for line in done.stdout.splitlines() if line.startswith("ARG ")
     ]
     netdev = args[args.index("-netdev") + 1]
-    # The map as this pod mounts it: its own pin directory at /run/netkit/xsk.
+    # Verbatim: the map as this pod mounts it, its emptyDir at the NAD's xskMapMountPath.
     assert netdev == (
         "af-xdp,id=net0,ifname=net1,mode=native,queues=1,start-queue=1,inhibit=on,"
-        "map-path=/run/netkit/xsk/netkit-ens1f0np0:c1:net1,map-start-index=1"
+        f"map-path=/var/run/kubevirt-private/cni-netkit/{key},map-start-index=1"
     )
     assert re.search(r"mac=02:00:00:00:00:10", " ".join(args))
-    (mount,) = [m for m in qemu_pod()["spec"]["containers"][0]["volumeMounts"]
-                if m["mountPath"] == "/run/netkit/xsk"]
-    (volume,) = [v for v in qemu_pod()["spec"]["volumes"] if v["name"] == mount["name"]]
-    assert volume["hostPath"]["path"] == str(Path(att.extra["map_path"]).parent)
+
+
+def test_qemu_pod_gets_its_map_through_its_own_empty_dir_without_host_paths() -> None:
+    conf = NetConf.model_validate(nad_plugin())
+    spec = qemu_pod()["spec"]
+    (c,) = spec["containers"]
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == conf.xsk_map_mount_path]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert mount["name"] == conf.xsk_map_volume and volume == {"name": mount["name"],
+                                                               "emptyDir": {}}
+    assert not [v for v in spec["volumes"] if "hostPath" in v]
+    assert "BPF" not in c["securityContext"]["capabilities"]["add"]
+    assert conf.map_owner == (107, 107)  # KubeVirt's qemu user
 
 
 def test_qemu_pod_refuses_a_lease_without_an_xsk_map(tmp_path: Path) -> None:

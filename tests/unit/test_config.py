@@ -711,3 +711,27 @@ def test_xsk_map_owner_is_numeric_uid_and_gid() -> None:
                                    "4294967295:0", "\u0661\u0660\u0667:107", 107])
 def test_xsk_map_owner_rejects_anything_but_uid_colon_gid(value: object) -> None:
     assert rejected(7, xskMapOwner=value).details.startswith("xskMapOwner: ")
+
+
+def test_xsk_map_volume_is_a_pod_volume_name_and_its_mount_path_has_a_default() -> None:
+    cfg = parse(xskMapVolume="netkit-xsk").config
+    assert (cfg.xsk_map_volume, cfg.xsk_map_mount_path, cfg.kubelet_root) == (
+        "netkit-xsk", "/run/netkit", "/var/lib/kubelet")
+    assert parse().config.xsk_map_volume is None  # no delivery unless asked for
+    assert parse(xskMapVolume="x", xskMapMountPath="/xsk").config.xsk_map_mount_path == "/xsk"
+
+
+@pytest.mark.parametrize("value", ["", "..", "a/b", "Xsk", "-x", "x" * 64, 7])
+def test_xsk_map_volume_rejects_what_is_no_volume_name(value: object) -> None:
+    assert rejected(7, xskMapVolume=value).details.startswith("xskMapVolume: ")
+
+
+def test_the_kubelet_root_is_the_node_admins_choice() -> None:
+    err = rejected(7, xskMapVolume="x", kubeletRoot="/etc")
+    assert err.msg == 'kubeletRoot "/etc" is not a kubelet root of this node'
+    assert "CNI_NETKIT_KUBELET_ROOTS" in err.details
+    env = {**ADD_ENV, "CNI_NETKIT_KUBELET_ROOTS": "/srv/kubelet"}
+    assert parse(env, xskMapVolume="x", kubeletRoot="/srv/kubelet").config.kubelet_root == (
+        "/srv/kubelet")
+    rejected(7, env=env, xskMapVolume="x")  # the default is not allowed there any more
+    assert parse(kubeletRoot="/etc").config.kubelet_root == "/etc"  # unused without a volume

@@ -16,7 +16,7 @@ import pytest
 
 from cni_netkit.agent.publish import lease_entry
 from cni_netkit.config import parse_invocation
-from cni_netkit.errors import InvalidConfig
+from cni_netkit.errors import InvalidConfig, InvalidEnvironment
 from cni_netkit.kernel import xsk
 from cni_netkit.kernel.xsk import Wiring, XskMap, XskSlot
 from cni_netkit.plugin import afxdp, commands
@@ -103,6 +103,19 @@ def test_the_dpdk_vdev_uses_the_pinned_map_and_no_busy_polling() -> None:
     assert nk(map_path="/m", map_start_index=1).dpdk_vdev is None
 
 
+def test_dpdk_vdevs_are_one_port_per_netkit_queue_for_any_number_of_queues() -> None:
+    two = nk(map_path="/run/netkit/cni-netkit/afxdp:c1:net1", map_start_index=1)
+    assert two.dpdk_vdevs == tuple(
+        f"net_af_xdp_net1_{q},iface=net1,start_queue={q},queue_count=1,shared_umem=1,"
+        "use_pinned_map=1,dp_path=/run/netkit/cni-netkit/afxdp:c1:net1,busy_budget=0"
+        for q in (1, 2))
+    out = Result(netkit=two).encode("1.1.0")["netkit"]
+    assert "dpdkVdev" not in out and out["dpdkVdevs"] == list(two.dpdk_vdevs)
+    assert dataclasses.replace(two, map_path="/m,n").dpdk_vdevs is None
+    assert nk().dpdk_vdevs is None and "dpdkVdevs" not in Result(netkit=nk()).encode("1.1.0")[
+        "netkit"]
+
+
 def test_the_xsk_mode_follows_the_masters_xdp_features() -> None:
     assert afxdp.xsk_mode({"basic", "redirect", "xsk-zerocopy"}) == "zerocopy"
     assert afxdp.xsk_mode({"basic", "redirect"}) == "copy"
@@ -170,13 +183,13 @@ def bpffs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Bpffs:
     return fake
 
 
-def add_inv(state: Path, **conf: Any) -> Any:
+def add_inv(state: Path, *, env: dict[str, str] | None = None, **conf: Any) -> Any:
     c = {"cniVersion": "1.1.0", "name": "afxdp", "type": "netkit", "master": "eth0",
          "queues": "8-15", "stateDir": str(state), **conf}
-    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/var/run/netns/pod1",
-           "CNI_IFNAME": "net1", "CNI_PATH": "", "CNI_NETKIT_STATE_DIRS": str(state),
-           "CNI_ARGS": "K8S_POD_NAMESPACE=vms;K8S_POD_NAME=vm-a"}
-    return parse_invocation(env, json.dumps(c).encode())
+    environ = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/var/run/netns/pod1",
+               "CNI_IFNAME": "net1", "CNI_PATH": "", "CNI_NETKIT_STATE_DIRS": str(state),
+               "CNI_ARGS": "K8S_POD_NAMESPACE=vms;K8S_POD_NAME=vm-a", **(env or {})}
+    return parse_invocation(environ, json.dumps(c).encode())
 
 
 @pytest.fixture
@@ -259,3 +272,60 @@ def test_a_pin_is_restricted_only_where_it_is_a_file_never_through_a_link(tmp_pa
     with pytest.raises(OSError, match=r"Too many levels|not the pin"):
         xsk._restrict_pin(link, (os.getuid(), os.getgid()))
     assert victim.stat().st_mode & 0o777 == 0o644
+
+
+# --- delivery into the pod's emptyDir (xskMapVolume) ----------------------------------
+
+
+def delivering(tmp_path: Path, uid: str | None = "0f9d6c1e-7b7a-4c1e-9a53-2b8c1d0e4f11"
+               ) -> dict[str, Any]:
+    """ADD arguments for a pod that gets its map in its emptyDir ``xsk``."""
+    args = "K8S_POD_NAMESPACE=vms;K8S_POD_NAME=vm-a" + (f";K8S_POD_UID={uid}" if uid else "")
+    return {"env": {"CNI_NETKIT_KUBELET_ROOTS": str(tmp_path / "kubelet"), "CNI_ARGS": args},
+            "xskMapVolume": "xsk", "kubeletRoot": str(tmp_path / "kubelet")}
+
+
+def test_the_volume_is_the_pods_empty_dir_under_the_kubelet_root() -> None:
+    assert afxdp.volume_dir("/var/lib/kubelet", "uid-1", "xsk") == Path(
+        "/var/lib/kubelet/pods/uid-1/volumes/kubernetes.io~empty-dir/xsk")
+
+
+@pytest.mark.parametrize("uid", [None, "", "..", "a/b", "-x", "u" * 65])
+def test_the_volume_needs_a_pod_uid_that_is_one_path_component(uid: str | None) -> None:
+    with pytest.raises(InvalidEnvironment, match="K8S_POD_UID"):
+        afxdp.volume_dir("/var/lib/kubelet", uid, "xsk")
+
+
+def test_add_into_a_pod_without_the_volume_is_refused_and_undone(
+    bpffs: Bpffs, kernel: FakeKernel, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidConfig, match="no emptyDir volume 'xsk'") as e:
+        commands.add(add_inv(tmp_path / "state", **delivering(tmp_path)), kernel)
+    assert "kubernetes.io~empty-dir/xsk is missing" in e.value.details
+    path = str(tmp_path / "bpf" / "pods" / "vms" / "vm-a" / "afxdp:c1:net1")
+    assert bpffs.calls[2:] == [("unwire", [8]), ("remove_map", path)]
+    assert kernel.leased_master_queues() == {}
+    assert StateStore(tmp_path / "state").load(OWNER) is None
+
+
+def test_add_delivering_without_a_pod_uid_is_an_environment_error_and_undone(
+    bpffs: Bpffs, kernel: FakeKernel, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidEnvironment, match="K8S_POD_UID"):
+        commands.add(add_inv(tmp_path / "state", **delivering(tmp_path, uid=None)), kernel)
+    assert bpffs.calls[2:3] == [("unwire", [8])] and kernel.leased_master_queues() == {}
+
+
+def test_a_delivered_map_is_reported_as_the_pod_sees_it() -> None:
+    att = Attachment(container_id="c1", ifname="net1", netns="/x", network="afxdp",
+                     master="eth0", pairing="single", mode="l2", mac=None, mtu=None,
+                     queues=LEASED, extra={
+                         afxdp.MAP_PATH: "/sys/fs/bpf/cni-netkit/pods/vms/vm-a/afxdp:c1:net1",
+                         afxdp.POD_MAP_PATH: "/run/netkit/xsk/afxdp:c1:net1",
+                         afxdp.VOLUME_PIN: "/var/lib/kubelet/pods/u/volumes/"
+                                           "kubernetes.io~empty-dir/xsk/afxdp:c1:net1",
+                         afxdp.MAP_START_INDEX: 1, afxdp.MAP_ID: 40})
+    assert att.netkit.map_path == "/run/netkit/xsk/afxdp:c1:net1"
+    assert "map-path=/run/netkit/xsk/afxdp:c1:net1," in (att.qemu_netdev or "")
+    assert lease_entry(att)["mapPath"] == "/run/netkit/xsk/afxdp:c1:net1"
+    assert Attachment.from_json(json.loads(json.dumps(att.to_json()))) == att
