@@ -11,13 +11,22 @@ UID = "5f4b6a8e-8d2e-4a0c-9c57-0d1c2b3a4f5e"
 MASQUERADE_MAC = "02:00:00:aa:bb:01"
 
 
-def domain_xml(*, machine: str = "pc-q35-rhel9.6.0", extra_devices: str = "",
-               commandline: str = "", kubevirt_iface_for: tuple[str, ...] = ()) -> bytes:
+def domain_xml(*, machine: str = "pc-q35-rhel9.6.0", virt_type: str = "kvm",
+               primary: bool = True, extra_devices: str = "", commandline: str = "",
+               kubevirt_iface_for: tuple[str, ...] = ()) -> bytes:
     """A q35 domain with a masquerade primary (a tap on root port 1) and a disk.
 
     ``kubevirt_iface_for``: networks KubeVirt put an ``<interface>`` in for
     (as it does for bindings it handles itself), which the sidecar must remove.
+    ``virt_type="qemu"`` is KubeVirt's domain with ``useEmulation``.
     """
+    masquerade = (
+        '<interface type="ethernet"><address type="pci" domain="0x0000" bus="0x01" '
+        'slot="0x00" function="0x0"></address><source></source>'
+        '<target dev="tap0" managed="no"></target><model type="virtio-non-transitional">'
+        f'</model><mac address="{MASQUERADE_MAC}"></mac><mtu size="1480"></mtu>'
+        '<alias name="ua-default"></alias><rom enabled="no"></rom></interface>'
+    ) if primary else ""
     ours = "".join(
         f'<interface type="ethernet"><source></source><target dev="tap{n}" managed="no">'
         f'</target><model type="virtio-non-transitional"></model>'
@@ -25,20 +34,14 @@ def domain_xml(*, machine: str = "pc-q35-rhel9.6.0", extra_devices: str = "",
         '<rom enabled="no"></rom></interface>'
         for i, n in enumerate(kubevirt_iface_for))
     return (
-        '<domain type="kvm" xmlns:qemu="http://libvirt.org/schemas/domain/qemu/1.0">'
+        f'<domain type="{virt_type}" xmlns:qemu="http://libvirt.org/schemas/domain/qemu/1.0">'
         f"<name>default_vm-afxdp</name><uuid>{UID}</uuid>"
         '<memory unit="b">1073741824</memory>'
         f'<os><type arch="x86_64" machine="{machine}">hvm</type>'
         '<smbios mode="sysinfo"></smbios></os>'
         '<sysinfo type="smbios"><system><entry name="uuid">' + UID + "</entry>"
         '<entry name="manufacturer">KubeVirt</entry></system></sysinfo>'
-        "<devices>"
-        '<interface type="ethernet"><address type="pci" domain="0x0000" bus="0x01" '
-        'slot="0x00" function="0x0"></address><source></source>'
-        '<target dev="tap0" managed="no"></target><model type="virtio-non-transitional">'
-        f'</model><mac address="{MASQUERADE_MAC}"></mac><mtu size="1480"></mtu>'
-        '<alias name="ua-default"></alias><rom enabled="no"></rom></interface>'
-        f"{ours}"
+        f"<devices>{masquerade}{ours}"
         '<channel type="unix"><target name="org.qemu.guest_agent.0" type="virtio"></target>'
         "</channel>"
         '<controller type="usb" index="0" model="none"></controller>'

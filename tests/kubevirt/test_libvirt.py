@@ -1,0 +1,118 @@
+"""libvirt itself turns the sidecar's domain into QEMU's command line.
+
+``virsh domxml-to-native qemu-argv`` through libvirt's embedded QEMU driver
+(``qemu:///embed``: no daemon, a private root) on the host's bookworm
+libvirt 9.0 and QEMU 7.2: libvirt accepts the domain, passes our
+``qemu:arg``s through unchanged and places its own devices, and nothing it
+places on the root bus takes the slot the sidecar chose. (Starting it needs
+a QEMU with both q35/virtio-net-pci and af-xdp; the VM's QEMU has af-xdp
+only: docs/kubevirt.md.)
+
+Two differences from a KubeVirt node's domain, both forced by this host:
+``type="qemu"`` (KubeVirt's domain with ``useEmulation``; there is no KVM)
+and machine ``q35`` (``pc-q35-rhel*`` exist only in RHEL's QEMU); and no
+masquerade ``<interface>`` where noted, because domxml-to-native opens the
+tap of every interface on /dev/net/tun, which only root may (and libvirt's
+privileged driver would want its ``libvirt-qemu`` user).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from cni_netkit.kubevirt import domain
+from cni_netkit.kubevirt.domain import BoundNIC
+from tests.kubevirt import shapes
+from tests.kubevirt.validate import assert_valid_domain
+
+NETDEV = ("ifname={ifname},mode=native,queues={queues},start-queue=1,inhibit=on,"
+          "map-path=/run/netkit/xsk/netkit-fast:c1:{ifname},map-start-index=1")
+NOBODY = 65534
+
+
+def nic(name: str, ifname: str, mac: str, queues: int = 1) -> BoundNIC:
+    return BoundNIC(name=name, mac=mac, queues=queues,
+                    qemu_netdev=NETDEV.format(ifname=ifname, queues=queues))
+
+
+def qemu_argv(domain_xml: bytes) -> list[str]:
+    """libvirt's QEMU command line for ``domain_xml``, split into arguments."""
+    assert shutil.which("virsh"), "virsh missing: scripts/host-packages install test"
+    root = Path(tempfile.mkdtemp(prefix="kv-libvirt-"))
+    try:
+        root.chmod(0o777)
+        xml = root / "domain.xml"
+        xml.write_bytes(domain_xml)
+        xml.chmod(0o644)
+        # libvirt's unprivileged driver: as root it would need its libvirt-qemu user.
+        drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] \
+            if os.geteuid() == 0 else []
+        done = subprocess.run(
+            [*drop, "env", f"HOME={root}", f"XDG_RUNTIME_DIR={root}", "virsh", "-c",
+             f"qemu:///embed?root={root}/embed", "domxml-to-native", "qemu-argv", str(xml)],
+            capture_output=True, text=True, check=False, timeout=300)
+    finally:
+        shutil.rmtree(root)
+    assert done.returncode == 0, done.stderr
+    # "-flag value" per argument; virsh quotes JSON values in single quotes.
+    return [a.replace(" '", " ", 1).removesuffix("'")
+            for a in re.split(r" (?=-)", done.stdout.strip())]
+
+
+def root_bus_slots(argv: list[str]) -> dict[int, list[str]]:
+    """Root-bus slot -> the ids of the devices libvirt and we put there."""
+    slots: dict[int, list[str]] = {}
+    for arg in argv:
+        if not arg.startswith("-device "):
+            continue
+        value = arg.removeprefix("-device ")
+        if value.startswith("{"):
+            dev = json.loads(value)
+        else:
+            dev = dict(p.partition("=")[::2] for p in value.split(",")[1:])
+        if dev.get("bus") in ("pcie.0", "pci.0") and "addr" in dev:
+            slot = int(str(dev["addr"]).split(".")[0], 16)
+            slots.setdefault(slot, []).append(str(dev.get("id")))
+    return slots
+
+
+def kubevirt_domain(**kwargs: object) -> bytes:
+    return shapes.domain_xml(machine="q35", virt_type="qemu", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("nics", "slots"), [
+    ([nic("fast", "net1", "02:00:00:00:00:20")], [0x18]),
+    ([nic("fast", "net1", "02:00:00:00:00:20", queues=2)], [0x18]),
+    ([nic("fast", "net1", "02:00:00:00:00:20"),
+      nic("fast2", "net2", "02:00:00:00:00:21", queues=2)], [0x18, 0x17]),
+], ids=["one-queue", "two-queues", "two-interfaces"])
+def test_libvirt_passes_our_arguments_and_places_nothing_on_our_slots(
+        nics: list[BoundNIC], slots: list[int]) -> None:
+    out = domain.rewrite(kubevirt_domain(primary=False, kubevirt_iface_for=()), nics)
+    assert_valid_domain(out)
+    argv = qemu_argv(out)
+    for n, slot in zip(nics, slots, strict=True):
+        assert f"-netdev af-xdp,id={n.netdev_id},{n.qemu_netdev}" in argv
+        assert f"-device {domain.device_arg(n, bus='pcie.0', slot=slot)}" in argv
+    taken = root_bus_slots(argv)
+    for n, slot in zip(nics, slots, strict=True):
+        assert taken[slot] == [f"{n.netdev_id}-nic"], taken
+    # libvirt did place its own devices on the root bus (VGA, the root ports).
+    assert len(taken) > len(nics)
+
+
+def test_a_slot_kubevirt_addressed_stays_kubevirts() -> None:
+    port = ('<controller type="pci" index="3" model="pcie-root-port"><address type="pci" '
+            'domain="0x0000" bus="0x00" slot="0x18" function="0x0"></address></controller>')
+    out = domain.rewrite(kubevirt_domain(primary=False, extra_devices=port),
+                         [nic("fast", "net1", "02:00:00:00:00:20")])
+    taken = root_bus_slots(qemu_argv(out))
+    assert taken[0x18] == ["pci.3"] and taken[0x17] == ["netkit-fast-nic"]
