@@ -18,70 +18,19 @@ privileged driver would want its ``libvirt-qemu`` user).
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-
 import pytest
 
 from cni_netkit.kubevirt import domain
 from cni_netkit.kubevirt.domain import BoundNIC
 from tests.kubevirt import shapes
+from tests.kubevirt.libvirt import qemu_argv, root_bus_slots
 from tests.kubevirt.validate import assert_valid_domain
 
 NETDEV = ("ifname={ifname},mode=native,queues={queues},start-queue=1,inhibit=on,"
           "map-path=/run/netkit/xsk/netkit-fast:c1:{ifname},map-start-index=1")
-NOBODY = 65534
-
-
 def nic(name: str, ifname: str, mac: str, queues: int = 1) -> BoundNIC:
     return BoundNIC(name=name, mac=mac, queues=queues,
                     qemu_netdev=NETDEV.format(ifname=ifname, queues=queues))
-
-
-def qemu_argv(domain_xml: bytes) -> list[str]:
-    """libvirt's QEMU command line for ``domain_xml``, split into arguments."""
-    assert shutil.which("virsh"), "virsh missing: scripts/host-packages install test"
-    root = Path(tempfile.mkdtemp(prefix="kv-libvirt-"))
-    try:
-        root.chmod(0o777)
-        xml = root / "domain.xml"
-        xml.write_bytes(domain_xml)
-        xml.chmod(0o644)
-        # libvirt's unprivileged driver: as root it would need its libvirt-qemu user.
-        drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] \
-            if os.geteuid() == 0 else []
-        done = subprocess.run(
-            [*drop, "env", f"HOME={root}", f"XDG_RUNTIME_DIR={root}", "virsh", "-c",
-             f"qemu:///embed?root={root}/embed", "domxml-to-native", "qemu-argv", str(xml)],
-            capture_output=True, text=True, check=False, timeout=300)
-    finally:
-        shutil.rmtree(root)
-    assert done.returncode == 0, done.stderr
-    # "-flag value" per argument; virsh quotes JSON values in single quotes.
-    return [a.replace(" '", " ", 1).removesuffix("'")
-            for a in re.split(r" (?=-)", done.stdout.strip())]
-
-
-def root_bus_slots(argv: list[str]) -> dict[int, list[str]]:
-    """Root-bus slot -> the ids of the devices libvirt and we put there."""
-    slots: dict[int, list[str]] = {}
-    for arg in argv:
-        if not arg.startswith("-device "):
-            continue
-        value = arg.removeprefix("-device ")
-        if value.startswith("{"):
-            dev = json.loads(value)
-        else:
-            dev = dict(p.partition("=")[::2] for p in value.split(",")[1:])
-        if dev.get("bus") in ("pcie.0", "pci.0") and "addr" in dev:
-            slot = int(str(dev["addr"]).split(".")[0], 16)
-            slots.setdefault(slot, []).append(str(dev.get("id")))
-    return slots
 
 
 def kubevirt_domain(**kwargs: object) -> bytes:
