@@ -56,3 +56,49 @@ def root_bus_slots(argv: list[str]) -> dict[int, list[str]]:
     return slots
 
 
+
+
+def start_paused(domain_xml: bytes, name: str) -> str:
+    """Define and start (paused) ``domain_xml`` in libvirt; QEMU's ``info pci``, then destroy.
+
+    One virsh process runs the four commands: the embedded driver's QEMU
+    lives only as long as the process that started it. stdio_handler "file":
+    no virtlogd.
+    """
+    root = Path(tempfile.mkdtemp(prefix="kv-libvirt-"))
+    try:
+        root.chmod(0o777)
+        (root / "embed" / "etc").mkdir(parents=True)
+        (root / "embed" / "etc" / "qemu.conf").write_text('stdio_handler = "file"\n')
+        xml = root / "domain.xml"
+        xml.write_bytes(domain_xml)
+        drop: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(root / "embed", NOBODY, NOBODY)
+            shutil.chown(root / "embed" / "etc", NOBODY, NOBODY)
+            drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        xml.chmod(0o644)
+        script = (f"define {xml}; start {name} --paused; "
+                  f"qemu-monitor-command {name} --hmp 'info pci'; destroy {name}")
+        done = subprocess.run(
+            [*drop, "env", f"HOME={root}", f"XDG_RUNTIME_DIR={root}", "virsh", "-q", "-c",
+             f"qemu:///embed?root={root}/embed", script],
+            capture_output=True, text=True, check=False, timeout=300)
+    finally:
+        shutil.rmtree(root)
+    assert done.returncode == 0 and "Bus  0" in done.stdout, done.stdout + done.stderr
+    return done.stdout
+
+
+def pci_devices(info_pci: str) -> dict[tuple[int, int, int], str]:
+    """(bus, device, function) -> QEMU id, from HMP ``info pci``."""
+    out: dict[tuple[int, int, int], str] = {}
+    where: tuple[int, int, int] | None = None
+    for line in info_pci.splitlines():
+        m = re.match(r"\s*Bus\s+(\d+), device\s+(\d+), function (\d+):", line)
+        if m:
+            where = (int(m.group(1)), int(m.group(2)), int(m.group(3)))
+        m = re.match(r'\s*id "(.*)"', line)
+        if m and where is not None:
+            out[where] = m.group(1)
+    return out

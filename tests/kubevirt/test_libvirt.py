@@ -4,9 +4,10 @@
 (``qemu:///embed``: no daemon, a private root) on the host's bookworm
 libvirt 9.0 and QEMU 7.2: libvirt accepts the domain, passes our
 ``qemu:arg``s through unchanged and places its own devices, and nothing it
-places on the root bus takes the slot the sidecar chose. (Starting it needs
-a QEMU with both q35/virtio-net-pci and af-xdp; the VM's QEMU has af-xdp
-only: docs/kubevirt.md.)
+places on the root bus takes the slot the sidecar chose; and ``virsh define``
++ ``start --paused`` has QEMU realize every device, our NICs at their slots
+(with each af-xdp netdev swapped for a hub port: QEMU 7.2 has no af-xdp; the
+VM's QEMU has af-xdp but no q35 or virtio-net-pci: docs/kubevirt.md).
 
 Two differences from a KubeVirt node's domain, both forced by this host:
 ``type="qemu"`` (KubeVirt's domain with ``useEmulation``; there is no KVM)
@@ -18,12 +19,14 @@ privileged driver would want its ``libvirt-qemu`` user).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from cni_netkit.kubevirt import domain
 from cni_netkit.kubevirt.domain import BoundNIC
 from tests.kubevirt import shapes
-from tests.kubevirt.libvirt import qemu_argv, root_bus_slots
+from tests.kubevirt.libvirt import pci_devices, qemu_argv, root_bus_slots, start_paused
 from tests.kubevirt.validate import assert_valid_domain
 
 NETDEV = ("ifname={ifname},mode=native,queues={queues},start-queue=1,inhibit=on,"
@@ -65,3 +68,27 @@ def test_a_slot_kubevirt_addressed_stays_kubevirts() -> None:
                          [nic("fast", "net1", "02:00:00:00:00:20")])
     taken = root_bus_slots(qemu_argv(out))
     assert taken[0x18] == ["pci.3"] and taken[0x17] == ["netkit-fast-nic"]
+
+
+def test_libvirt_defines_and_starts_the_domain_with_our_nics_where_we_put_them() -> None:
+    """``virsh define`` + ``start --paused``: QEMU realizes every device, ours included.
+
+    The host's QEMU 7.2 has no af-xdp netdev (8.2 added it), so here each
+    af-xdp argument is swapped for a hub port of the same id; the -device
+    arguments are the sidecar's. No disk, serial, console or VNC: their
+    files and sockets live in directories of the launcher pod.
+    """
+    source = kubevirt_domain(primary=False).decode()
+    for element in ("graphics", "disk", "serial", "console"):
+        source = re.sub(rf"<{element} .*?</{element}>", "", source)
+    out = domain.rewrite(source.encode(), [
+        nic("fast", "net1", "02:00:00:00:00:20", queues=2),
+        nic("fast2", "net2", "02:00:00:00:00:21")])
+    assert_valid_domain(out)
+    hubbed = re.sub(rb'value="af-xdp,id=(netkit-[a-z0-9]+),[^"]*"',
+                    rb'value="hubport,id=\1,hubid=0"', out)
+    devices = pci_devices(start_paused(hubbed, "default_vm-afxdp"))
+    assert devices[(0, 0x18, 0)] == "netkit-fast-nic"
+    assert devices[(0, 0x17, 0)] == "netkit-fast2-nic"
+    # libvirt's own devices were realized beside them (VGA, its root ports).
+    assert devices[(0, 1, 0)] == "video0" and devices[(0, 2, 0)] == "pci.1"
