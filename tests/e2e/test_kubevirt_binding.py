@@ -25,7 +25,7 @@ import pytest
 from cni_netkit.config import DEVICE_INFO_DIRS_ENV
 from cni_netkit.kernel import xsk
 from cni_netkit.kubevirt import server
-from tests.e2e.conftest import Nic, Runtime, leased_queues, netkit_links
+from tests.e2e.conftest import Nic, Runtime, cni_plugins_dir, leased_queues, netkit_links
 from tests.e2e.consumers import (
     QEMU_UMEM,
     WORKLOAD_OWNER,
@@ -48,8 +48,11 @@ FRAMES = 50
 
 
 def test_the_sidecars_domain_through_libvirt_gives_qemu_the_leased_queue(
-    nic: Nic, root: Path, make_netns: Any, runtime: Runtime, tmp_path: Path
+    nic: Nic, root: Path, make_netns: Any, tmp_path: Path
 ) -> None:
+    # Cold invocations only (the plugin in the executable, the invocation's
+    # CNI_NETKIT_MASTERS): no session agent to wait for.
+    runtime = Runtime(state_dir=tmp_path / "state", cni_path=cni_plugins_dir() or "")
     xsk.ensure_program(nic.name, bpf_object(), root=root)
     loopback(nic)
     info_dir = tmp_path / "device-info"
@@ -62,7 +65,7 @@ def test_the_sidecars_domain_through_libvirt_gives_qemu_the_leased_queue(
            xsk.ROOT_ENV: str(xsk.bpf_root()), "CNI_NETKIT_MASTERS": f"{nic.name}=1-4",
            DEVICE_INFO_DIRS_ENV: str(info_dir)}
     netns = make_netns()
-    out = runtime("ADD", conf, container_id="c-vm", netns=netns, env=env, cold=True)
+    out = runtime("ADD", conf, container_id="c-vm", netns=netns, env=env)
     assert out.code == 0, out.stdout + out.stderr
     result = out.json
     leased = [q["masterQueue"] for q in result["netkit"]["queues"]]
@@ -99,7 +102,7 @@ def test_the_sidecars_domain_through_libvirt_gives_qemu_the_leased_queue(
         assert {xsk.verdict(nic.name, q, FRAME) for q in leased} == {XDP_PASS}
     finally:
         done = runtime("DEL", {**conf, "prevResult": result}, container_id="c-vm",
-                       netns=netns, env=env, cold=True)
+                       netns=netns, env=env)
         assert (done.code, done.stdout) == (0, ""), done.stderr
     assert not Path(result["netkit"]["mapPath"]).exists()
     assert not device_info.exists()
