@@ -77,6 +77,49 @@ RUN --mount=type=secret,id=ca-bundle \
  && rm -rf /opt/cni-netkit/venv/lib/python3.11/site-packages/kubernetes/aio \
  && rm -rf /src/build /src/*.egg-info
 
+# The KubeVirt hook sidecar, the netkit-afxdp network binding's sidecarImage
+# (docs/kubevirt.md), a target of its own:
+#   podman build --target kubevirt-binding -t kubevirt-netkit-binding:0.1.0 .
+# Its venv holds the package with only what `cni-netkit kubevirt-binding`
+# imports (structlog, and the `kubevirt` extra: grpcio, protobuf): no
+# kubernetes, pyroute2 or pydantic, no artifact, no BPF object. It comes
+# before the node image's stage so that stays the default target.
+FROM ${DEBIAN_IMAGE} AS kubevirt-binding-builder
+ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update -qq \
+ && apt-get install -y -qq --no-install-recommends ca-certificates python3.11 python3.11-venv \
+ && apt-get clean && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY cni_netkit cni_netkit
+RUN --mount=type=secret,id=ca-bundle \
+    --mount=type=cache,target=/root/.cache/pip \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+ && python3.11 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(*[d for d in p["dependencies"] if d.startswith("structlog")], *p["optional-dependencies"]["kubevirt"], sep="\n")' >/tmp/requirements.txt \
+ && python3.11 -m venv /opt/cni-netkit/venv \
+ && /opt/cni-netkit/venv/bin/pip install -q -r /tmp/requirements.txt \
+ && /opt/cni-netkit/venv/bin/pip install -q --no-deps /src \
+ && /opt/cni-netkit/venv/bin/pip uninstall -q -y pip setuptools \
+ && rm -rf /src/build /src/*.egg-info
+
+FROM ${DEBIAN_IMAGE} AS kubevirt-binding
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="cni-netkit-kubevirt-binding" \
+      org.opencontainers.image.description="KubeVirt hook sidecar of the netkit-afxdp network binding: an AF_XDP virtio-net NIC on a cni-netkit lease" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3.11 \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/log/apt /var/log/dpkg.log
+COPY --from=kubevirt-binding-builder /opt/cni-netkit/venv /opt/cni-netkit/venv
+ENV PATH=/opt/cni-netkit/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin PYTHONDONTWRITEBYTECODE=1
+# KubeVirt's qemu user, which the launcher pod's containers run as: the
+# sidecar needs no privilege (a socket in the pod's hooks emptyDir, files
+# read from the downward API).
+USER 107:107
+ENTRYPOINT ["cni-netkit", "kubevirt-binding"]
+
 FROM ${DEBIAN_IMAGE}
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="cni-netkit" \

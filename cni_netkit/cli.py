@@ -33,6 +33,8 @@ class Subcommand(Protocol):
 # name -> (module, help). The registration point for subcommands.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("cni_netkit.agent.main", "the node agent (run by the DaemonSet), its health check"),
+    "kubevirt-binding": ("cni_netkit.kubevirt.main",
+                         "the KubeVirt hook sidecar (the netkit-afxdp network binding)"),
     "leases": ("cni_netkit.admin", "every leased queue of the masters, and whose it is"),
     "queues": ("cni_netkit.admin", "a master's RX queues as the kernel reports them (queue-get)"),
     "status": ("cni_netkit.admin", "can this node lease queues now? (kernel, masters, free pool)"),

@@ -13,6 +13,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
+from cni_netkit import __version__
 from cni_netkit.agent.publish import (
     LEASES_ANNOTATION,
     capacity,
@@ -22,6 +23,7 @@ from cni_netkit.agent.publish import (
     resource_name,
 )
 from cni_netkit.config import NetConf
+from cni_netkit.kubevirt.leases import DEFAULT_BINDING
 from cni_netkit.plugin.state import Attachment, LeasedQueue
 
 from .loader import MANIFESTS, Doc, docs, find, validate
@@ -385,3 +387,16 @@ def test_the_documented_annotation_example_is_what_the_agent_writes() -> None:
                "map_start_index": 1},
     )
     assert json.loads(example) == json.loads(leases_value([att]) or "")
+
+
+def test_kubevirt_binding_registers_our_sidecar_image_at_the_package_version() -> None:
+    kv, vmi = find("KubeVirt"), find("VirtualMachineInstance")
+    binding = kv["spec"]["configuration"]["network"]["binding"]["netkit-afxdp"]
+    assert binding["sidecarImage"] == f"ghcr.io/cni-netkit/kubevirt-netkit-binding:{__version__}"
+    # Not declared migratable, and a drain stops the VM rather than migrate it.
+    assert "migration" not in binding
+    assert vmi["spec"]["evictionStrategy"] == "None"
+    # The sidecar's default binding name is the one registered.
+    assert DEFAULT_BINDING in kv["spec"]["configuration"]["network"]["binding"]
+    # The Dockerfile builds that image's target.
+    assert "AS kubevirt-binding\n" in (MANIFESTS.parent / "Dockerfile").read_text()
