@@ -94,6 +94,7 @@ def agent_main(args: argparse.Namespace) -> int:
                 yield fake
             finally:
                 fake.close()  # what the real one does: its netns sockets go
+                fake.calls.clear()  # the fake's own call log (for unit tests): not the agent's
 
     # What commands.run opens for each request.
     cni_netkit.kernel.Kernel = seam  # type: ignore[assignment,misc]
