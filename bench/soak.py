@@ -147,6 +147,24 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def quiescent(pid: int, reads: int = 10) -> tuple[dict[str, int], Counter[str]]:
+    """``pid``'s status and fds once the last request's thread has gone.
+
+    A client has its answer a moment before the agent's connection thread
+    closes the connection and ends: of a few reads 20 ms apart, the one with
+    the fewest threads and fds (a leaked thread or fd stays in every read).
+    """
+    best: tuple[dict[str, int], Counter[str]] | None = None
+    for _ in range(max(1, reads)):
+        st, kinds = proc_status(pid), fd_kinds(pid)
+        if best is None or (st["Threads"], sum(kinds.values())) < (
+                best[0]["Threads"], sum(best[1].values())):
+            best = st, kinds
+        time.sleep(0.02)
+    assert best is not None  # noqa: S101 - at least one read
+    return best
+
+
 def files(d: Path) -> int:
     return sum(1 for p in d.rglob("*") if p.is_file()) if d.is_dir() else 0
 
@@ -284,8 +302,7 @@ class Soak:
     def sample(self, cycle: int) -> Sample:
         kernel = self.kernel_state()
         assert self.proc is not None  # noqa: S101 - kernel_state() checked it
-        st = proc_status(self.proc.pid)
-        kinds = fd_kinds(self.proc.pid)
+        st, kinds = quiescent(self.proc.pid)
         ipam = self.root / "ipam" / "soak-pair"
         s = Sample(
             cycle=cycle, rss_kb=st["VmRSS"], hwm_kb=st["VmHWM"], threads=st["Threads"],
