@@ -31,7 +31,8 @@ from typing import Any
 
 import pytest
 
-from bench.soak import fd_kinds, proc_status
+from bench.soak import peak_rss_kb, quiescent
+from cni_netkit.cni.client import NO_AGENT_ENV
 from cni_netkit.kernel import xsk
 from cni_netkit.plugin.commands import FAULT_ENV
 from tests.kernel.xsk_support import bpf_object, private_root
@@ -53,6 +54,9 @@ REPO = Path(__file__).resolve().parents[2]
 SHIM = REPO / "build" / "shim" / "netkit"
 CYCLES = int(os.environ.get("CNI_NETKIT_SOAK_CYCLES") or 16)
 BASELINE = max(4, CYCLES // 5)
+# scripts/soak also asks for the cold path's peak RSS per ADD (a benchmark figure, seconds
+# per sample in the VM: never in the test suite's default run).
+COLD_RSS_SAMPLES = int(os.environ.get("CNI_NETKIT_SOAK_COLD_RSS") or 0)
 
 
 def pins(root: Path, master: str) -> frozenset[str]:
@@ -95,13 +99,29 @@ class VmSoak:
             self.suite.failed(f"DEL {cid}: {status} {out2[:300]!r} {err[-300:]!r}")
 
     def sample(self, cycle: int) -> None:
-        st, kinds = proc_status(self.agent.pid), fd_kinds(self.agent.pid)
+        st, kinds = quiescent(self.agent.pid)
         node = observe(self.nic, self.nets[0])
         left = [*node.leases, *node.netkits, *node.records, *node.devinfo,
                 *observe(None, self.nets[1]).ipam, *node.locks_held,
                 *(f"pin {p}" for p in pins(self.root, self.nic.name))]
         self.samples.append(Sample(cycle, st["VmRSS"], st["Threads"], dict(sorted(kinds.items())),
                                    sorted(left)))
+
+    def cold_rss(self, samples: int, netns: str) -> list[int]:
+        """Peak RSS (KiB) of cold ADDs: the venv's ``netkit`` with no agent (bench.soak)."""
+        peaks = []
+        for n in range(samples):
+            net, cid = self.nets[0], f"cold-{n}"
+            e, stdin = net.request("ADD", cid, netns)
+            kb, status = peak_rss_kb([NETKIT], {**e, **self.env, NO_AGENT_ENV: "1"}, stdin)
+            if status != 0 or kb is None:
+                self.suite.failed(f"cold ADD {cid}: status {status}, peak {kb}")
+            else:
+                peaks.append(kb)
+            status, out, err = self.call("DEL", net, cid, netns)
+            if status != 0:
+                self.suite.failed(f"DEL {cid}: {status} {out!r} {err[-300:]!r}")
+        return peaks
 
     def leaks(self) -> list[str]:
         first, last = self.samples[0], self.samples[-1]
@@ -157,6 +177,11 @@ def test_warm_soak_on_the_real_kernel(tmp_path: Path, figures: Figures) -> None:
                 soak.cycle(n, pods[n // 2 % 2])
                 if n + 1 in (BASELINE, CYCLES):
                     soak.sample(n + 1)
+            if COLD_RSS_SAMPLES:
+                peaks = sorted(soak.cold_rss(COLD_RSS_SAMPLES, pods[0]))
+                suite.info.update(cold_add_peak_rss_kb={"p50": peaks[len(peaks) // 2],
+                                                        "max": peaks[-1], "n": len(peaks)}
+                                  if peaks else None)
         finally:
             soak.agent.send_signal(signal.SIGTERM)
             status = soak.agent.wait(120)
