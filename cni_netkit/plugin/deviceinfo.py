@@ -55,5 +55,26 @@ def write(path: str, content: dict[str, Any]) -> None:
 
 
 def remove(path: str | None) -> None:
-    if path:
-        Path(path).unlink(missing_ok=True)
+    """Remove the file, and what a ``write`` killed midway left: its temporary names.
+
+    A SIGKILL between creating the temporary file and its ``finally`` (a
+    killed node agent serves many ADDs) leaves ``.<name>.tmp.<pid>`` behind,
+    which nothing else would ever remove. Only ADD of this attachment writes
+    these names, and the runtime never overlaps its ADD and DEL.
+    """
+    if not path:
+        return
+    final = Path(path)
+    final.unlink(missing_ok=True)
+    for tmp in leftovers(final):
+        tmp.unlink(missing_ok=True)  # unlink never follows a symlink
+
+
+def leftovers(final: Path) -> list[Path]:
+    """The temporary files killed ``write``s of ``final`` left (``.<name>.tmp.<pid>``)."""
+    prefix = f".{final.name}.tmp."
+    try:
+        names = [e.name for e in os.scandir(final.parent) if e.name.startswith(prefix)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [final.parent / n for n in names if n[len(prefix):].isdigit()]

@@ -310,8 +310,20 @@ class StateStore:
         return dest
 
     def remove(self, owner: Owner) -> bool:
+        """Remove ``owner``'s record (True if there was one) and what a ``save`` killed
+        midway left: its temporary ``<key>.tmp.<pid>.<tid>`` files (a killed agent saves
+        for many owners at once; nothing else would ever remove them)."""
+        final = self.path(owner)
+        prefix = f"{final.stem}.tmp."
         try:
-            self.path(owner).unlink()
+            names = [e.name for e in os.scandir(self.dir) if e.name.startswith(prefix)]
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            if name[len(prefix):].replace(".", "").isdigit():
+                (self.dir / name).unlink(missing_ok=True)  # never follows a symlink
+        try:
+            final.unlink()
         except FileNotFoundError:
             return False
         return True
