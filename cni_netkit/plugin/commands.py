@@ -79,7 +79,7 @@ def add(inv: Invocation, kernel: KernelAPI) -> Result:
     cfg = inv.config
     netns, ifname = _require(inv.netns, "CNI_NETNS"), _require(inv.ifname, "CNI_IFNAME")
     owner = _owner(inv)
-    device = cfg.pod_ifname or ifname
+    device = _require(inv.pod_ifname, "CNI_IFNAME")  # podIfname, else CNI_IFNAME
     _check_pod_netns(kernel, netns)
     if kernel.link(device, netns=netns) is not None:
         raise InterfaceExists(f"interface {device} already exists in netns {netns}",
@@ -366,7 +366,7 @@ def _delete_ours(kernel: KernelAPI, att: Attachment) -> None:
 def check(inv: Invocation, kernel: KernelAPI) -> None:
     cfg = inv.config
     netns = _require(inv.netns, "CNI_NETNS")
-    ifname = cfg.pod_ifname or _require(inv.ifname, "CNI_IFNAME")  # the device's name
+    ifname = _require(inv.pod_ifname, "CNI_IFNAME")  # the device's name
     owner = _owner(inv)
     if cfg.prev_result is None:
         raise InvalidConfig("CHECK needs prevResult", "the runtime passed no prevResult")
