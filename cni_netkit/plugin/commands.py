@@ -282,7 +282,10 @@ def delete(inv: Invocation, kernel: KernelAPI) -> None:
         log.warning("attachment record unreadable: deleting by owner alias, then quarantining it",
                     record=str(e.path), reason=e.reason)
     netns = inv.netns or (att.netns if att else None) or (bad.salvage.get("netns") if bad else None)
-    _teardown(inv, kernel, owner, netns, att, unknown_record=bad is not None)
+    # The netkit's name as ADD gave it, from the record (podIfname may have changed since).
+    salvaged = bad.salvage.get("pod_ifname") if bad else None
+    device = att.device if att else salvaged or inv.pod_ifname or owner.ifname
+    _teardown(inv, kernel, owner, netns, att, device=device, unknown_record=bad is not None)
     if bad is not None:
         deviceinfo.remove(bad.salvage.get("device_info_file"))
     fault_point("del:torn-down")
@@ -295,7 +298,7 @@ def delete(inv: Invocation, kernel: KernelAPI) -> None:
 
 def _teardown(
     inv: Invocation, kernel: KernelAPI, owner: Owner, netns: str | None, att: Attachment | None,
-    *, unknown_record: bool = False,
+    *, device: str, unknown_record: bool = False,
 ) -> None:
     """Remove what ADD made for ``owner``; everything already gone is fine.
 
@@ -307,8 +310,6 @@ def _teardown(
     # Stop steering the queues before they go back to the pool.
     afxdp.release(cfg, owner, att, inv.pod_namespace, inv.pod_name)
     if netns:  # without a netns the pod side died with it (or never existed)
-        # By the record's name: the config's podIfname may have changed since ADD.
-        device = att.device if att else (cfg.pod_ifname or owner.ifname)
         _delete_if_ours(kernel, owner, device, netns)
         if att is None or not att.queues:  # an ADD killed inside the netkit's creation
             _delete_if_ours(kernel, owner, staging_ifname(owner), netns)

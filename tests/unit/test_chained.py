@@ -136,6 +136,18 @@ def test_del_without_a_record_finds_the_device_by_the_configs_name(
     assert kernel.leased_master_queues() == {}
 
 
+def test_del_with_an_unreadable_record_finds_the_device_by_what_it_still_says(
+    kernel: FakeKernel, state: Path, primary: Link
+) -> None:
+    commands.add(inv("ADD", state, podIfname="net1", prevResult=PREV), kernel)
+    (record,) = (state / "attachments").iterdir()
+    torn = record.read_text().replace('"queues"', '"queues_torn"').replace('"master"', '"m"')
+    record.write_text(torn)  # no master: unreadable, but its pod_ifname is still there
+    commands.delete(inv("DEL", state), kernel)  # a config without podIfname
+    assert [link.name for link in kernel.links_in(POD)] == ["eth0"]
+    assert kernel.leased_master_queues() == {}
+
+
 def test_gc_keys_chained_attachments_by_cni_ifname(
     kernel: FakeKernel, state: Path, primary: Link
 ) -> None:
