@@ -119,7 +119,7 @@ def _status(kernel: KernelAPI, args: argparse.Namespace) -> int:
 
 
 def _netkit_name(row: inventory.LeaseRow) -> str:
-    return row.attachment.ifname if row.attachment else f"ifindex {row.netkit_ifindex}"
+    return row.attachment.device if row.attachment else f"ifindex {row.netkit_ifindex}"
 
 
 def _state(q: Queue) -> str:

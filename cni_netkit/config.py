@@ -296,6 +296,10 @@ class NetConf(BaseModel):
     name: Annotated[StrictStr, AfterValidator(_network_name)]
     type: StrictStr
     master: IfName
+    # The netkit's name in the pod; unset, CNI_IFNAME.  Chained after a primary
+    # plugin in one conflist, every plugin gets the same CNI_IFNAME (eth0), which
+    # the primary's device already holds: ours needs a name of its own (net1).
+    pod_ifname: IfName | None = None
     queues: QueuePool  # the master's RX queues reserved for leasing
     queues_per_attachment: Annotated[StrictInt, Field(ge=1)] = 1
     pairing: Literal["single", "pair"] = "single"
@@ -433,6 +437,16 @@ class Invocation:
     # their own keys (host-local's IP=) under the runtime's IgnoreUnknown, so
     # nothing of ours is added or dropped.  ``args`` is our reading of it.
     runtime_cni_args: str = ""
+
+    @property
+    def pod_ifname(self) -> str | None:
+        """The netkit's name in the pod: the config's ``podIfname``, else ``CNI_IFNAME``.
+
+        The attachment stays keyed by ``CNI_IFNAME`` (the spec's
+        (network, container id, ifname) triple: records, owner alias, GC's
+        valid-attachments); only the device is named by this.
+        """
+        return self.config.pod_ifname or self.ifname
 
     @property
     def pod_namespace(self) -> str | None:

@@ -98,7 +98,7 @@ class PoolExhausted(NetkitError):
 
 
 class InterfaceExists(NetkitError):
-    """CNI_IFNAME already exists in the pod netns."""
+    """The pod-side name (CNI_IFNAME, or the config's podIfname) is taken in the pod netns."""
 
     code = 101
 

@@ -91,7 +91,7 @@ class NetkitResult:
     master: str
     pairing: str
     mode: str
-    interface: str  # the pod-side ifname (CNI_IFNAME)
+    interface: str  # the netkit's name in the pod (podIfname, else CNI_IFNAME)
     queues: tuple[NetkitQueue, ...]
     # The attachment's pinned XSK map and the index of its first queue's socket
     # there, when the master has AF_XDP steering (docs/af_xdp.md).

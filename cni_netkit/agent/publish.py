@@ -196,7 +196,7 @@ def lease_entry(att: Attachment) -> dict[str, Any]:
     leased = sorted(att.queues, key=lambda q: q.netkit_queue)
     entry: dict[str, Any] = {
         "network": att.network,
-        "interface": att.ifname,
+        "interface": att.device,  # its name in the pod
         "master": att.master,
         "queues": [q.netkit_queue for q in leased],
         "masterQueues": [q.master_queue for q in leased],

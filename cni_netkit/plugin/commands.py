@@ -79,9 +79,11 @@ def add(inv: Invocation, kernel: KernelAPI) -> Result:
     cfg = inv.config
     netns, ifname = _require(inv.netns, "CNI_NETNS"), _require(inv.ifname, "CNI_IFNAME")
     owner = _owner(inv)
+    device = _require(inv.pod_ifname, "CNI_IFNAME")  # podIfname, else CNI_IFNAME
     _check_pod_netns(kernel, netns)
-    if kernel.link(ifname, netns=netns) is not None:
-        raise InterfaceExists(f"interface {ifname} already exists in netns {netns}")
+    if kernel.link(device, netns=netns) is not None:
+        raise InterfaceExists(f"interface {device} already exists in netns {netns}",
+                              _exists_hint(cfg, device, netns))
     master = _master(kernel, cfg.master)
     if not master.up:
         # A down master lists no queues: without this, ADD would call its pool exhausted.
@@ -100,6 +102,7 @@ def add(inv: Invocation, kernel: KernelAPI) -> Result:
         mtu=cfg.mtu,
         queues=(),
         host_ifname=host_ifname(owner) if cfg.pairing == "pair" else None,
+        pod_ifname=cfg.pod_ifname if cfg.pod_ifname != ifname else None,
         pod_namespace=inv.pod_namespace,
         pod_name=inv.pod_name,
         device_info_file=cfg.runtime_config.cni_device_info_file,
@@ -148,7 +151,7 @@ def _create_netkit(kernel: KernelAPI, cfg: NetConf, att: Attachment) -> tuple[Li
     if cfg.pairing == "single":
         link = kernel.create_netkit(
             NetkitSpec(
-                name=att.ifname,
+                name=att.device,
                 netns=att.netns,
                 pairing="single",
                 mode=cfg.mode,
@@ -173,7 +176,7 @@ def _create_netkit(kernel: KernelAPI, cfg: NetConf, att: Attachment) -> tuple[Li
             alias=alias,
             # Only the peer (non-primary) side of a pair can hold leases: it is the pod side.
             peer=PeerSpec(
-                name=att.ifname, netns=att.netns, num_rx_queues=n + 1, mac=att.mac, mtu=cfg.mtu,
+                name=att.device, netns=att.netns, num_rx_queues=n + 1, mac=att.mac, mtu=cfg.mtu,
                 alias=alias,
             ),
         ),
@@ -181,9 +184,9 @@ def _create_netkit(kernel: KernelAPI, cfg: NetConf, att: Attachment) -> tuple[Li
         # its peer goes with it: a pair is attributable before either has an alias.
         step=fault_point,
     )
-    pod = kernel.link(att.ifname, netns=att.netns)
+    pod = kernel.link(att.device, netns=att.netns)
     if pod is None:
-        raise KernelError(f"netkit peer {att.ifname} missing in {att.netns} right after creation")
+        raise KernelError(f"netkit peer {att.device} missing in {att.netns} right after creation")
     return pod, host
 
 
@@ -279,7 +282,10 @@ def delete(inv: Invocation, kernel: KernelAPI) -> None:
         log.warning("attachment record unreadable: deleting by owner alias, then quarantining it",
                     record=str(e.path), reason=e.reason)
     netns = inv.netns or (att.netns if att else None) or (bad.salvage.get("netns") if bad else None)
-    _teardown(inv, kernel, owner, netns, att, unknown_record=bad is not None)
+    # The netkit's name as ADD gave it, from the record (podIfname may have changed since).
+    salvaged = bad.salvage.get("pod_ifname") if bad else None
+    device = att.device if att else salvaged or inv.pod_ifname or owner.ifname
+    _teardown(inv, kernel, owner, netns, att, device=device, unknown_record=bad is not None)
     if bad is not None:
         deviceinfo.remove(bad.salvage.get("device_info_file"))
     fault_point("del:torn-down")
@@ -292,7 +298,7 @@ def delete(inv: Invocation, kernel: KernelAPI) -> None:
 
 def _teardown(
     inv: Invocation, kernel: KernelAPI, owner: Owner, netns: str | None, att: Attachment | None,
-    *, unknown_record: bool = False,
+    *, device: str, unknown_record: bool = False,
 ) -> None:
     """Remove what ADD made for ``owner``; everything already gone is fine.
 
@@ -305,7 +311,7 @@ def _teardown(
     afxdp.release(cfg, owner, att, pod_namespace=inv.pod_namespace, pod_name=inv.pod_name,
                   pod_uid=inv.pod_uid)
     if netns:  # without a netns the pod side died with it (or never existed)
-        _delete_if_ours(kernel, owner, owner.ifname, netns)
+        _delete_if_ours(kernel, owner, device, netns)
         if att is None or not att.queues:  # an ADD killed inside the netkit's creation
             _delete_if_ours(kernel, owner, staging_ifname(owner), netns)
         fault_point("del:pod")
@@ -349,7 +355,7 @@ def is_ours(link: Link, owner: Owner) -> bool:
 
 
 def _delete_ours(kernel: KernelAPI, att: Attachment) -> None:
-    _delete_if_ours(kernel, att.owner, att.ifname, att.netns)
+    _delete_if_ours(kernel, att.owner, att.device, att.netns)
     if not att.queues:  # killed inside the netkit's creation
         _delete_if_ours(kernel, att.owner, staging_ifname(att.owner), att.netns)
     if att.host_ifname:
@@ -361,7 +367,8 @@ def _delete_ours(kernel: KernelAPI, att: Attachment) -> None:
 
 def check(inv: Invocation, kernel: KernelAPI) -> None:
     cfg = inv.config
-    netns, ifname = _require(inv.netns, "CNI_NETNS"), _require(inv.ifname, "CNI_IFNAME")
+    netns = _require(inv.netns, "CNI_NETNS")
+    ifname = _require(inv.pod_ifname, "CNI_IFNAME")  # the device's name
     owner = _owner(inv)
     if cfg.prev_result is None:
         raise InvalidConfig("CHECK needs prevResult", "the runtime passed no prevResult")
@@ -386,7 +393,10 @@ def check(inv: Invocation, kernel: KernelAPI) -> None:
     except CorruptRecord as e:
         raise CheckFailed(str(e), "DEL quarantines it; a new ADD writes a good one") from e
     if att is None or not att.queues:
-        raise CheckFailed(f"no lease record for {owner.container_id}/{ifname}")
+        raise CheckFailed(f"no lease record for {owner.container_id}/{owner.ifname}")
+    if att.device != ifname:
+        raise CheckFailed(f"the netkit of {owner.container_id}/{owner.ifname} is {att.device}, "
+                          f"the config names {ifname}", "podIfname changed since ADD")
     master = _master(kernel, cfg.master)
     for lq in att.queues:
         _check_lease(kernel, master, lq, link, netns)
@@ -558,7 +568,8 @@ def _gc_corrupt(
                 released.add(owner)
                 netns = bad.salvage.get("netns")
                 if netns:
-                    _delete_if_ours(kernel, owner, owner.ifname, netns)
+                    device = bad.salvage.get("pod_ifname") or cfg.pod_ifname or owner.ifname
+                    _delete_if_ours(kernel, owner, device, netns)
                     # An ADD killed inside the create: only its name says whose it is.
                     _delete_if_ours(kernel, owner, staging_ifname(owner), netns)
                 _delete_if_ours(kernel, owner, host_ifname(owner), None)
@@ -720,6 +731,19 @@ def staging_ifname(owner: Owner) -> str:
 def _owner_digest(owner: Owner) -> str:
     key = f"{owner.network}/{owner.container_id}/{owner.ifname}"
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _exists_hint(cfg: NetConf, name: str, netns: str) -> str:
+    """What to do about ``name`` being taken: chained after the plugin that made it, rename."""
+    prev = cfg.prev_result or {}
+    made_by_prev = any(
+        isinstance(i, dict) and i.get("name") == name and i.get("sandbox") == netns
+        for i in prev.get("interfaces") or []
+    )
+    if made_by_prev:
+        return (f"an earlier plugin of this chain made {name} (it is in prevResult); "
+                'give ours a name of its own with "podIfname", e.g. "net1"')
+    return 'CNI_IFNAME, or the config\'s "podIfname", must name a free interface'
 
 
 def _check_pod_netns(kernel: KernelAPI, netns: str) -> None:

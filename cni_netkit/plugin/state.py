@@ -89,6 +89,9 @@ class Attachment:
     queues: tuple[LeasedQueue, ...]
     netkit_ifindex: int | None = None  # in its netns; what queue-get's lease names
     host_ifname: str | None = None  # pair mode: the primary side in the host netns
+    # The netkit's name in the pod when the config's podIfname set one other than
+    # ``ifname`` (CNI_IFNAME, the record's key); None: ``ifname`` is its name.
+    pod_ifname: str | None = None
     pod_namespace: str | None = None
     pod_name: str | None = None
     device_info_file: str | None = None
@@ -107,13 +110,18 @@ class Attachment:
         return Owner(self.network, self.container_id, self.ifname)
 
     @property
+    def device(self) -> str:
+        """The netkit's name in the pod netns (``pod_ifname``, else ``ifname``)."""
+        return self.pod_ifname or self.ifname
+
+    @property
     def netkit(self) -> NetkitResult:
         """Our result extension (and device-info payload) for this attachment."""
         return NetkitResult(
             master=self.master,
             pairing=self.pairing,
             mode=self.mode,
-            interface=self.ifname,
+            interface=self.device,
             queues=tuple(NetkitQueue(q.netkit_queue, q.master_queue) for q in self.queues),
             # set by plugin.afxdp when the master has AF_XDP steering
             # as the pod sees it when the map is delivered into its volume
@@ -176,8 +184,9 @@ class Attachment:
 # What a record cannot do without (every schema version has them).
 _REQUIRED = ("container_id", "ifname", "netns", "network", "master", "pairing", "mode")
 _OPTIONAL: dict[str, type | tuple[type, ...]] = {
-    "mac": str, "mtu": int, "netkit_ifindex": int, "host_ifname": str, "pod_namespace": str,
-    "pod_name": str, "device_info_file": str, "ipam": dict, "netconf": dict, "extra": dict,
+    "mac": str, "mtu": int, "netkit_ifindex": int, "host_ifname": str, "pod_ifname": str,
+    "pod_namespace": str, "pod_name": str, "device_info_file": str, "ipam": dict,
+    "netconf": dict, "extra": dict,
 }
 # The keys of ``extra`` the plugin and the agent read (plugin.afxdp, agent.publish).
 _EXTRA: dict[str, type] = {
@@ -210,7 +219,8 @@ class CorruptRecord(Exception):
 def _salvage(data: object) -> dict[str, str]:
     if not isinstance(data, dict):
         return {}
-    names = ("network", "container_id", "ifname", "netns", "host_ifname", "device_info_file")
+    names = ("network", "container_id", "ifname", "pod_ifname", "netns", "host_ifname",
+             "device_info_file")
     return {k: data[k] for k in names if isinstance(data.get(k), str) and data[k]}
 
 

@@ -8,8 +8,8 @@ The pause image is built here (busybox, as an OCI archive) and imported with
 plugin is served by the session's node agent (``warm_agent``), as on a
 Kubernetes node. What it did is read back from the kernel (queue-get on the
 netdevsim master, link dumps of the sandbox's netns), from host-local's files
-and from our attachment records. The module adds ~85 s to the VM suite (both
-containerds started once each).
+and from our attachment records, alone and chained after ptp in one conflist.
+The module adds ~85 s to the VM suite (both containerds started once each).
 """
 
 from __future__ import annotations
@@ -236,6 +236,49 @@ def test_run_stop_remove_pod_sandbox_as_default_network(
     assert leased_queues(nic) == {}
     assert not (data / "netkit-default" / status.network.ip).exists()
     assert [link.name for link in netkit_links(None)] == []
+    cri.remove_pod_sandbox(sid)
+    assert list(StateStore(str(containerd.state))) == []
+
+
+def test_chained_after_ptp_our_netkit_is_added_and_the_primary_keeps_the_pod_ip(
+    cri: Any, containerd: Containerd, nic: Nic, tmp_path: Path
+) -> None:
+    """One conflist [ptp + host-local, netkit]: every plugin gets CNI_IFNAME eth0.
+
+    ptp makes eth0 and the pod's address; ours, single mode, is named by
+    ``podIfname`` and appended to ptp's result; Stop (DEL) removes ours and
+    ptp's, the record is keyed by (network, sandbox, eth0) throughout.
+    """
+    data = tmp_path / "ipam"
+    # The node's admin declares the master in the plugin's environment (closed by
+    # default): a wrapper, since containerd hands its plugins its own environment.
+    wrapper = containerd.netd.parent / "cni-bin" / "netkit-declared"
+    wrapper.write_text(f"#!/bin/sh\nCNI_NETKIT_MASTERS='{nic.name}=1-2' exec {NETKIT} \"$@\"\n")
+    wrapper.chmod(0o755)
+    containerd.network({"cniVersion": "1.0.0", "name": "chained", "plugins": [
+        {"type": "ptp", "ipam": {"type": "host-local", "dataDir": str(data),
+                                 "ranges": [[{"subnet": "10.88.10.0/24"}]]}},
+        {"type": wrapper.name, "master": nic.name, "queues": "1-2", "podIfname": "net1",
+         "stateDir": str(containerd.state)},
+    ]})
+    sid = run_sandbox(cri, containerd, "p2", "uid-p2")
+
+    (att,) = list(StateStore(str(containerd.state)))
+    assert (att.container_id, att.ifname, att.device) == (sid, "eth0", "net1")
+    ip = cri.pod_sandbox_status(sid).status.network.ip
+    assert ip.startswith("10.88.10."), ip  # ptp's address, the pod's IP as CRI reports it
+    (pod,) = netkit_links(att.netns)
+    assert pod.name == "net1"
+    assert {lease["ifindex"] for lease in leased_queues(nic).values()} == {pod.index}
+    eth0 = json.loads(subprocess.run(
+        ["nsenter", f"--net={att.netns}", "ip", "-j", "address", "show", "dev", "eth0"],
+        check=True, capture_output=True, text=True).stdout)
+    assert [a["local"] for a in eth0[0]["addr_info"] if a["family"] == "inet"] == [ip]
+
+    cri.stop_pod_sandbox(sid)  # DEL down the chain: ours, then ptp's
+    assert leased_queues(nic) == {}
+    assert [link.name for link in netkit_links(None)] == []
+    assert not (data / "chained" / ip).exists()
     cri.remove_pod_sandbox(sid)
     assert list(StateStore(str(containerd.state))) == []
 

@@ -6,7 +6,7 @@ each container is ``podman run --rootfs`` of a tiny busybox root built here.
 There is no node agent on a podman host, so every request runs cold in the
 executable, as it would there.  What the plugin did is read back from the
 kernel (queue-get on the netdevsim master, link dumps of the container's netns)
-and from host-local's own files.
+and from host-local's own files; one network chains netkit after ptp.
 
 Each podman start or removal costs ~10 s in the VM (the cold plugin and podman
 itself); the module adds ~2 min to the VM suite (132 s alone, 168 s with other
@@ -102,7 +102,8 @@ def podman(podman_base: Path, tmp_path: Path) -> Iterator[Podman]:
     netd.mkdir()
     (plugins / "netkit").symlink_to(NETKIT)
     if cni_plugins_dir():
-        (plugins / "host-local").symlink_to(Path(str(cni_plugins_dir())) / "host-local")
+        for plugin in ("host-local", "ptp"):
+            (plugins / plugin).symlink_to(Path(str(cni_plugins_dir())) / plugin)
     conf = tmp_path / "containers.conf"
     conf.write_text(
         f'[network]\nnetwork_backend = "cni"\ncni_plugin_dirs = ["{plugins}"]\n'
@@ -186,3 +187,30 @@ def test_pair_with_host_local_honours_podman_ip(podman: Podman, nic: Nic, tmp_pa
     assert not (data / "nkpair" / "10.88.9.50").exists()
     assert leased_queues(nic) == {}
     assert netkit_links(None) == []
+
+
+def test_chained_after_ptp_with_its_own_pod_ifname(
+    podman: Podman, nic: Nic, tmp_path: Path
+) -> None:
+    """One conflist [ptp + host-local, netkit]: ptp keeps eth0 and its address, ours is net1."""
+    if cni_plugins_dir() is None:
+        pytest.fail("ptp missing: scripts/vm setup extracts containernetworking-plugins")
+    podman.env["CNI_NETKIT_MASTERS"] = f"{nic.name}=1-2"  # the node admin's declaration
+    data = tmp_path / "ipam"
+    ptp = {"type": "ptp", "ipam": {"type": "host-local", "dataDir": str(data),
+                                   "ranges": [[{"subnet": "10.88.11.0/24"}]]}}
+    ours = {"type": "netkit", "master": nic.name, "queues": "1-2", "podIfname": "net1",
+            "stateDir": str(tmp_path / "state")}
+    (tmp_path / "net.d" / "chained.conflist").write_text(
+        json.dumps({"cniVersion": "1.0.0", "name": "chained", "plugins": [ptp, ours]}))
+    netns = podman.start("ch", "chained")
+    out = subprocess.run(["nsenter", f"--net={netns}", "ip", "-j", "-4", "addr", "show", "eth0"],
+                         check=True, capture_output=True, text=True).stdout
+    (ip,) = [a["local"] for link in json.loads(out) for a in link["addr_info"]]
+    assert ip.startswith("10.88.11.") and (data / "chained" / ip).exists()
+    (link,) = netkit_links(netns)
+    assert link.name == "net1"
+    assert {lease["ifindex"] for lease in leased_queues(nic).values()} == {link.index}
+    podman.remove("ch")
+    assert leased_queues(nic) == {} and netkit_links(None) == []
+    assert records(tmp_path) == [] and not (data / "chained" / ip).exists()
