@@ -46,6 +46,10 @@ NSIM = Path("/sys/bus/netdevsim")
 WORK = Path("/run/bench")
 SOCKET = WORK / "agent" / "cni.sock"
 _ids = iter(range(10**9))
+# What main() can run (--parts): the ADD/DEL scenarios against Go, the scale
+# of a big NIC, the per-phase breakdown, the XDP program's per-frame cost.
+PARTS = ("control", "scale", "phases", "steering")
+SCALE_QUEUES, SCALE_POOL = 256, "1-255"
 
 
 def sh(*args: str) -> None:
@@ -197,15 +201,31 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--artifact")
     parser.add_argument("--warm-flavours", default="",
                         help="comma-separated starts to measure warm (default: all)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated parts to run (default: all of {','.join(PARTS)})")
+    parser.add_argument("--steer-repeat", type=int, default=1_000_000,
+                        help="BPF_PROG_TEST_RUN repeat per steering sample")
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse_args()
+    parts = {p for p in args.parts.split(",") if p}
+    if parts - set(PARTS):
+        raise SystemExit(f"unknown --parts: {sorted(parts - set(PARTS))}")
     WORK.mkdir(parents=True, exist_ok=True)
     go = Path(os.environ["CNI_NETKIT_CNI_PLUGINS"])
     ours_nic, go_nic = make_nic(30, 16), make_nic(31, 1)
+    scale_nic = make_nic(32, SCALE_QUEUES) if "scale" in parts else None
+    # Closed by default: the node admin names the masters (and pools) a config may lease.
+    # The agent started below and every plugin run inherit it.
+    os.environ["CNI_NETKIT_MASTERS"] = ";".join(
+        [f"{ours_nic}=0-15"] + ([f"{scale_nic}={SCALE_POOL}"] if scale_nic else []))
     starts = flavours(WORK, args.artifact)
+    steering: dict[str, Any] = {}
+    if "steering" in parts:  # first: its figures are short runs, least disturbed by leftovers
+        timed("steering", lambda: steering.update(measure_steering(args.samples,
+                                                                   args.steer_repeat)))
     agent = Agent()
     warm_env = {"CNI_NETKIT_AGENT_SOCKET": str(SOCKET)}
     cold_env = {"CNI_NETKIT_NO_AGENT": "1"}
@@ -240,6 +260,34 @@ def main() -> int:
         Scenario("netkit pair+host-local cold (venv)", "pair+host-local", "cold venv",
                  starts["venv"], pair, cold_env),
     ]
+    control: dict[str, Any] = {}
+    if "control" in parts:
+        control = measure_control(args, scenarios, cold, go, agent)
+    # Scale: the fastest start measured warm (the growth ratio is what counts).
+    fastest = next((starts[f] for f in ("shim", "lean", "venv")
+                    if f in starts and (not warm_only or f in warm_only)), starts["venv"])
+    scale: dict[str, Any] = {}
+    if scale_nic is not None:
+        timed("scale", lambda: scale.update(
+            measure_scale(args.scale_samples, fastest, warm_env, scale_nic)))
+    phases: dict[str, Any] = {}
+    if "phases" in parts:
+        timed("phases", lambda: phases.update(measure_phases(ours_nic)))
+    agent.stop()
+    write_json(args.out / "guest.json", {
+        "kernel": os.uname().release,
+        **control,
+        "scale": scale,
+        "phases": phases,
+        "steering": steering,
+        "params": vars(args) | {"out": str(args.out)},
+    })
+    return 0
+
+
+def measure_control(args: argparse.Namespace, scenarios: list[Scenario], cold: list[Scenario],
+                    go: Path, agent: Agent) -> dict[str, Any]:
+    """Our ADD/DEL against Go's, sequential and concurrent, cold and warm; peak RSS; floors."""
     # One unmeasured warm-up each: page cache, first host-local run, the agent's first request.
     for s in [*scenarios, *cold]:
         s.sample()
@@ -267,31 +315,18 @@ def main() -> int:
             s.measure_rss()
 
     timed("peak RSS", peak_rss)
-    agent_rss = agent.rss_kb()
+    agent_rss = agent.rss_kb()  # before the relayed requests, as ever
     relay_only: dict[str, Any] = {}
     for s in scenarios:  # the config of the first warm scenario of each pairing
         if s.impl.startswith("warm") and s.pairing not in relay_only:
             relay_only[s.pairing] = measure_relay(args.samples, s)
-    # Scale: the fastest start measured warm (the growth ratio is what counts).
-    fastest = next((starts[f] for f in ("shim", "lean", "venv")
-                    if f in starts and (not warm_only or f in warm_only)), starts["venv"])
-    scale = {}
-    timed("scale", lambda: scale.update(measure_scale(args.scale_samples, fastest, warm_env)))
-    phases = {}
-    timed("phases", lambda: phases.update(measure_phases(ours_nic)))
     floors = measure_floors(go)
-    agent.stop()
-    write_json(args.out / "guest.json", {
-        "kernel": os.uname().release,
+    return {
         "scenarios": {s.name: s.report() for s in [*scenarios, *cold]},
         "agent_rss_kb": agent_rss,
         "relay_only": relay_only,
-        "scale": scale,
-        "phases": phases,
         "floors": floors,
-        "params": vars(args) | {"out": str(args.out)},
-    })
-    return 0
+    }
 
 
 def measure_relay(samples: int, s: Scenario) -> dict[str, Any]:
@@ -312,11 +347,16 @@ def measure_relay(samples: int, s: Scenario) -> dict[str, Any]:
     return {"add": summary(add), "del": summary(dele)}
 
 
-def measure_scale(samples: int, argv: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Warm ADD (and DEL) with 1 other lease vs 63 others (this ADD fills the 64-queue pool)."""
-    nic = make_nic(32, 64)
+def measure_scale(samples: int, argv: list[str], env: dict[str, str], nic: str
+                  ) -> dict[str, Any]:
+    """Warm ADD (and DEL) with 1 other lease vs 254 others (this ADD fills the pool 1-255).
+
+    The NIC is a 256-queue netdevsim (queue 0 stays the host's). Both labels'
+    samples are taken at their fill level, one after the other; the ratio is
+    the ADD p50 of the full pool over the ADD p50 with one lease held.
+    """
     conf = {"cniVersion": "1.1.0", "name": "scale", "type": "netkit", "master": nic,
-            "queues": "0-63", "stateDir": str(WORK / "state"), "lockTimeout": 300.0}
+            "queues": SCALE_POOL, "stateDir": str(WORK / "state"), "lockTimeout": 300.0}
     s = Scenario("scale", "", "warm", argv, conf, env)
     held: list[tuple[str, str]] = []
 
@@ -326,20 +366,35 @@ def measure_scale(samples: int, argv: list[str], env: dict[str, str]) -> dict[st
             s.check("fill ADD", run_one(argv, s.environ("ADD", cid, ns), s.stdin()))
             held.append((cid, ns))
 
-    out: dict[str, Any] = {}
-    for label, others in (("1 lease held", 1), ("63 held (pool full after ADD)", 63)):
+    out: dict[str, Any] = {"queues": SCALE_QUEUES, "pool": SCALE_POOL}
+    full = SCALE_QUEUES - 2  # held before the ADD that takes the last queue of 1-255
+    labels = (("1 lease held", 1), (f"{full} held (pool full after ADD)", full))
+    for label, others in labels:
         hold(others)
         s.add, s.dele, s.rss = [], [], []
         for _ in range(samples):
             s.sample()
         out[label] = {"add": summary(s.add), "del": summary(s.dele)}
-    first, full = out["1 lease held"]["add"]["p50"], out["63 held (pool full after ADD)"]["add"]
-    out["growth_ratio_add_p50"] = round(full["p50"] / first, 3)
+    first, last = out[labels[0][0]], out[labels[1][0]]
+    out["growth_ratio_add_p50"] = round(last["add"]["p50"] / first["add"]["p50"], 3)
+    out["growth_ratio_add_p90"] = round(last["add"]["p90"] / first["add"]["p90"], 3)
     out["failures"] = s.failures[:10]
     for cid, ns in held:
         run_one(argv, s.environ("DEL", cid, ns), s.stdin())
         del_netns(ns)
     return out
+
+
+def measure_steering(samples: int, repeat: int) -> dict[str, Any]:
+    """bench.steering in a process of its own (it attaches XDP to a NIC of its own)."""
+    p = subprocess.run(
+        [sys.executable, "-m", "bench.steering", "--samples", str(samples), "--repeat",
+         str(repeat)], cwd=REPO, capture_output=True, check=False,
+    )
+    if p.returncode != 0:
+        return {"error": p.stderr.decode()[-2000:]}
+    got: dict[str, Any] = json.loads(p.stdout)
+    return got
 
 
 def measure_phases(nic: str) -> dict[str, Any]:

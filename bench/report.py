@@ -23,7 +23,7 @@ def _f(x: Any, width: int = 8, digits: int = 1) -> str:
 
 def headline(guest: dict[str, Any]) -> dict[str, Any]:
     """ours/Go ratios of ADD p50 and concurrent ADD p50, for each of our scenarios."""
-    scen = guest["scenarios"]
+    scen = guest.get("scenarios", {})
     go = {s["pairing"]: s for s in scen.values() if s["impl"] == "go"}
     out = {}
     for name, s in scen.items():
@@ -53,7 +53,7 @@ def print_guest(guest: dict[str, Any], heads: dict[str, Any]) -> None:
           f"{p['rounds']} rounds (cold: 1) ==")
     print(f"{'scenario':42s} {'ADD p50':>8s} {'ADD p90':>8s} {'DEL p50':>8s} {'DEL p90':>8s} "
           f"{'16x ADD':>8s} {'16x DEL':>8s} {'RSS MB':>7s} {'ADD/Go':>7s} {'16xADD/Go':>9s}")
-    for name, s in guest["scenarios"].items():
+    for name, s in guest.get("scenarios", {}).items():
         h = heads.get(name, {})
         rss = s["maxrss_kb_p50"] / 1024 if s["maxrss_kb_p50"] else None
         fail = f"  [{s['failure_count']} failed]" if s["failure_count"] else ""
@@ -75,14 +75,38 @@ def print_guest(guest: dict[str, Any], heads: dict[str, Any]) -> None:
             f"{k} {v['p50']:.0f}" for k, v in floors.items()))
     sc = guest.get("scale", {})
     if sc:
-        print("\n== VM scale: warm ADD on a 64-queue netdevsim, pool 0-63 ==")
+        print(f"\n== VM scale: warm ADD on a {sc.get('queues', 64)}-queue netdevsim, pool "
+              f"{sc.get('pool', '0-63')}, n={p['scale_samples']} ==")
         for label, v in sc.items():
             if isinstance(v, dict) and "add" in v:
                 print(f"{label:34s} ADD p50 {_f(v['add']['p50'])} p90 {_f(v['add']['p90'])}  "
                       f"DEL p50 {_f(v['del']['p50'])}")
-        print(f"growth ratio (ADD p50, full pool / 1 lease): {sc.get('growth_ratio_add_p50')}")
+        print(f"growth ratio (full pool / 1 lease): ADD p50 {sc.get('growth_ratio_add_p50')}, "
+              f"p90 {sc.get('growth_ratio_add_p90')}")
+    print_steering(guest.get("steering", {}))
     print_phases("VM: phases of ADD (round 1: a fresh process; rounds 2+: warm, as in the agent)",
                  guest.get("phases", {}))
+
+
+def print_steering(st: dict[str, Any]) -> None:
+    """bench.steering's table: ns per frame of each case, and the ratios."""
+    if not st:
+        return
+    if "error" in st:
+        print(f"\n== VM steering: {st['error'][-300:]} ==")
+        return
+    print(f"\n== VM steering: ns per frame, BPF_PROG_TEST_RUN x {st['repeat']}, n={st['samples']}, "
+          f"{st['master']['driver']} master ({st['master']['xdp_mode']} XDP), "
+          f"JIT {st['jit']} ==")
+    print(f"{'case':22s} {'p50':>8s} {'p90':>8s} {'min':>8s} {'above bare p50':>15s}")
+    for name, v in st["ns_per_frame"].items():
+        print(f"{name:22s} {_f(v['p50'])} {_f(v['p90'])} {_f(v['min'])} "
+              f"{_f(st['above_bare_ns_p50'][name], 15)}")
+    print(f"{'ratio':36s} {'p50/p50':>8s} {'p90/p90':>8s} {'paired p50':>10s} {'paired p90':>10s}")
+    for name, v in st["ratios"].items():
+        pr = st["paired_ratios"][name]
+        print(f"{name:36s} {_f(v['p50'], 8, 3)} {_f(v['p90'], 8, 3)} {_f(pr['p50'], 10, 2)} "
+              f"{_f(pr['p90'], 10, 2)}")
 
 
 def print_phases(title: str, phases: dict[str, Any]) -> None:
