@@ -35,6 +35,7 @@ from bench.common import (
     REPO,
     Run,
     flavours,
+    importtime_by_package,
     peak_rss_kb,
     run_many,
     run_one,
@@ -254,11 +255,15 @@ def main() -> int:
                                   f"warm {flavour}", argv, base, warm_env))
         scenarios.append(Scenario(f"netkit pair+host-local warm ({flavour})", "pair+host-local",
                                   f"warm {flavour}", argv, pair, warm_env))
+    # Cold as installed: the thin client, told not to use the agent, execs the plugin
+    # beside it (netkit-plugin: here the python -S launcher); the venv's console script
+    # (its .pth files load the editable finder at every start) only without the shim.
+    cold_start = "shim" if "shim" in starts else "venv"
     cold = [
-        Scenario("netkit single cold (venv)", "single", "cold venv", starts["venv"], base,
-                 cold_env),
-        Scenario("netkit pair+host-local cold (venv)", "pair+host-local", "cold venv",
-                 starts["venv"], pair, cold_env),
+        Scenario(f"netkit single cold ({cold_start})", "single", f"cold {cold_start}",
+                 starts[cold_start], base, cold_env),
+        Scenario(f"netkit pair+host-local cold ({cold_start})", "pair+host-local",
+                 f"cold {cold_start}", starts[cold_start], pair, cold_env),
     ]
     control: dict[str, Any] = {}
     if "control" in parts:
@@ -273,6 +278,8 @@ def main() -> int:
     phases: dict[str, Any] = {}
     if "phases" in parts:
         timed("phases", lambda: phases.update(measure_phases(ours_nic)))
+        timed("cold imports", lambda: phases.update(
+            cold_importtime=measure_cold_imports(starts["lean"], base, cold_env)))
     agent.stop()
     write_json(args.out / "guest.json", {
         "kernel": os.uname().release,
@@ -395,6 +402,34 @@ def measure_steering(samples: int, repeat: int) -> dict[str, Any]:
         return {"error": p.stderr.decode()[-2000:]}
     got: dict[str, Any] = json.loads(p.stdout)
     return got
+
+
+def measure_cold_imports(argv: list[str], conf: dict[str, Any], env: dict[str, str],
+                         runs: int = 3) -> dict[str, Any]:
+    """Where a cold ADD's imports go: ``-X importtime`` self time by package (ms), min of runs.
+
+    The lean start (``python -S``, what the installed plugin runs): the venv's
+    site would add the editable finder, which no installed plugin has.
+    """
+    s = Scenario("cold imports", "", "cold", argv, conf, env)
+    by_run: list[dict[str, float]] = []
+    total: list[float] = []
+    for _ in range(runs):
+        netns, cid = new_netns(), f"i{next(_ids)}"
+        r = run_one(argv, {**s.environ("ADD", cid, netns), "PYTHONPROFILEIMPORTTIME": "1"},
+                    s.stdin())
+        s.check("ADD -X importtime", r)
+        run_one(argv, s.environ("DEL", cid, netns), s.stdin())
+        del_netns(netns)
+        by_run.append(importtime_by_package(r.stderr.decode(errors="replace")))
+        total.append(r.ms)
+    packages = {k for run in by_run for k in run}
+    per_package = {k: min(run.get(k, 0.0) for run in by_run) for k in packages}
+    return {
+        "runs": runs, "add_ms_p50_with_importtime": summary(total)["p50"],
+        "self_ms_by_package": dict(sorted(per_package.items(), key=lambda kv: -kv[1])),
+        "failures": s.failures[:3],
+    }
 
 
 def measure_phases(nic: str) -> dict[str, Any]:

@@ -48,6 +48,10 @@ def _ratio(a: float, b: float) -> float | None:
 
 def print_guest(guest: dict[str, Any], heads: dict[str, Any]) -> None:
     p = guest["params"]
+    if "scenarios" not in guest:  # --parts without control
+        print(f"\n== VM: kernel {guest['kernel']} under QEMU TCG, 1 vCPU ==")
+        print_rest(guest, p)
+        return
     print(f"\n== VM: kernel {guest['kernel']} under QEMU TCG, 1 vCPU; ms; sequential n="
           f"{p['samples']} (cold n={p['cold_samples']}), {p['concurrency']} concurrent x "
           f"{p['rounds']} rounds (cold: 1) ==")
@@ -73,6 +77,11 @@ def print_guest(guest: dict[str, Any], heads: dict[str, Any]) -> None:
     if floors:
         print("process start floors: " + "; ".join(
             f"{k} {v['p50']:.0f}" for k, v in floors.items()))
+    print_rest(guest, p)
+
+
+def print_rest(guest: dict[str, Any], p: dict[str, Any]) -> None:
+    """The parts after the scenarios: scale, steering, phases."""
     sc = guest.get("scale", {})
     if sc:
         print(f"\n== VM scale: warm ADD on a {sc.get('queues', 64)}-queue netdevsim, pool "
@@ -86,6 +95,12 @@ def print_guest(guest: dict[str, Any], heads: dict[str, Any]) -> None:
     print_steering(guest.get("steering", {}))
     print_phases("VM: phases of ADD (round 1: a fresh process; rounds 2+: warm, as in the agent)",
                  guest.get("phases", {}))
+    ci = guest.get("phases", {}).get("cold_importtime")
+    if ci:
+        top = list(ci["self_ms_by_package"].items())[:14]
+        print(f"cold ADD (python -S) import self-time by package, ms, min of {ci['runs']} runs "
+              f"(ADD p50 {ci['add_ms_p50_with_importtime']:.0f} ms with -X importtime): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in top))
 
 
 def print_steering(st: dict[str, Any]) -> None:
