@@ -48,8 +48,9 @@ WORK = Path("/run/bench")
 SOCKET = WORK / "agent" / "cni.sock"
 _ids = iter(range(10**9))
 # What main() can run (--parts): the ADD/DEL scenarios against Go, the scale
-# of a big NIC, the per-phase breakdown, the XDP program's per-frame cost.
-PARTS = ("control", "scale", "phases", "steering")
+# of a big NIC, the per-phase breakdown, the XDP program's per-frame cost, and
+# AF_XDP delivery through a netkit's leased queue vs the physical queue.
+PARTS = ("control", "scale", "phases", "steering", "proxy")
 SCALE_QUEUES, SCALE_POOL = 256, "1-255"
 
 
@@ -217,16 +218,21 @@ def main() -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     go = Path(os.environ["CNI_NETKIT_CNI_PLUGINS"])
     ours_nic, go_nic = make_nic(30, 16), make_nic(31, 1)
-    scale_nic = make_nic(32, SCALE_QUEUES) if "scale" in parts else None
+    scale_nics: tuple[str, ...] = ()
+    if "scale" in parts:
+        scale_nics = (make_nic(32, SCALE_QUEUES), make_nic(33, SCALE_QUEUES))
     # Closed by default: the node admin names the masters (and pools) a config may lease.
     # The agent started below and every plugin run inherit it.
     os.environ["CNI_NETKIT_MASTERS"] = ";".join(
-        [f"{ours_nic}=0-15"] + ([f"{scale_nic}={SCALE_POOL}"] if scale_nic else []))
+        [f"{ours_nic}=0-15", *(f"{nic}={SCALE_POOL}" for nic in scale_nics)])
     starts = flavours(WORK, args.artifact)
     steering: dict[str, Any] = {}
     if "steering" in parts:  # first: its figures are short runs, least disturbed by leftovers
-        timed("steering", lambda: steering.update(measure_steering(args.samples,
-                                                                   args.steer_repeat)))
+        timed("steering", lambda: steering.update(measure_module(
+            "bench.steering", args.samples, "--repeat", str(args.steer_repeat))))
+    proxy: dict[str, Any] = {}
+    if "proxy" in parts:
+        timed("proxy", lambda: proxy.update(measure_module("bench.proxy", args.samples)))
     agent = Agent()
     warm_env = {"CNI_NETKIT_AGENT_SOCKET": str(SOCKET)}
     cold_env = {"CNI_NETKIT_NO_AGENT": "1"}
@@ -272,9 +278,9 @@ def main() -> int:
     fastest = next((starts[f] for f in ("shim", "lean", "venv")
                     if f in starts and (not warm_only or f in warm_only)), starts["venv"])
     scale: dict[str, Any] = {}
-    if scale_nic is not None:
+    if scale_nics:
         timed("scale", lambda: scale.update(
-            measure_scale(args.scale_samples, fastest, warm_env, scale_nic)))
+            measure_scale(args.scale_samples, fastest, warm_env, scale_nics)))
     phases: dict[str, Any] = {}
     if "phases" in parts:
         timed("phases", lambda: phases.update(measure_phases(ours_nic)))
@@ -287,6 +293,7 @@ def main() -> int:
         "scale": scale,
         "phases": phases,
         "steering": steering,
+        "proxy": proxy,
         "params": vars(args) | {"out": str(args.out)},
     })
     return 0
@@ -354,49 +361,57 @@ def measure_relay(samples: int, s: Scenario) -> dict[str, Any]:
     return {"add": summary(add), "del": summary(dele)}
 
 
-def measure_scale(samples: int, argv: list[str], env: dict[str, str], nic: str
+def measure_scale(samples: int, argv: list[str], env: dict[str, str], nics: tuple[str, ...]
                   ) -> dict[str, Any]:
-    """Warm ADD (and DEL) with 1 other lease vs 254 others (this ADD fills the pool 1-255).
+    """Warm ADD (and DEL) with 1 other lease held vs 254 others (this ADD fills pool 1-255).
 
-    The NIC is a 256-queue netdevsim (queue 0 stays the host's). Both labels'
-    samples are taken at their fill level, one after the other; the ratio is
-    the ADD p50 of the full pool over the ADD p50 with one lease held.
+    Two 256-queue netdevsim masters, both with pool 1-255 (queue 0 stays the
+    host's): the first holds 1 lease, the second 254, and their samples
+    alternate (one on each, then the next), so the machine's load drifts over
+    both alike. The ratio is the second's ADD p50 (p90) over the first's.
+    What the 254 attachments cost the node as a whole (netns, devices) is
+    then in both; what they cost on their master is the difference.
     """
-    conf = {"cniVersion": "1.1.0", "name": "scale", "type": "netkit", "master": nic,
-            "queues": SCALE_POOL, "stateDir": str(WORK / "state"), "lockTimeout": 300.0}
-    s = Scenario("scale", "", "warm", argv, conf, env)
-    held: list[tuple[str, str]] = []
-
-    def hold(count: int) -> None:
-        while len(held) < count:
+    full = SCALE_QUEUES - 2  # held before the ADD that takes the last queue of 1-255
+    labels = ("1 lease held", f"{full} held (pool full after ADD)")
+    sides = []
+    for nic, others in zip(nics, (1, full), strict=True):
+        conf = {"cniVersion": "1.1.0", "name": f"scale-{nic}", "type": "netkit", "master": nic,
+                "queues": SCALE_POOL, "stateDir": str(WORK / "state"), "lockTimeout": 300.0}
+        s = Scenario("scale", "", "warm", argv, conf, env)
+        held: list[tuple[str, str]] = []
+        while len(held) < others:
             cid, ns = f"h{next(_ids)}", new_netns()
             s.check("fill ADD", run_one(argv, s.environ("ADD", cid, ns), s.stdin()))
             held.append((cid, ns))
-
-    out: dict[str, Any] = {"queues": SCALE_QUEUES, "pool": SCALE_POOL}
-    full = SCALE_QUEUES - 2  # held before the ADD that takes the last queue of 1-255
-    labels = (("1 lease held", 1), (f"{full} held (pool full after ADD)", full))
-    for label, others in labels:
-        hold(others)
-        s.add, s.dele, s.rss = [], [], []
-        for _ in range(samples):
+        s.sample()  # warm-up
+        s.add, s.dele = [], []
+        sides.append((s, held))
+    for _ in range(samples):
+        for s, _held in sides:
             s.sample()
+    out: dict[str, Any] = {"queues": SCALE_QUEUES, "pool": SCALE_POOL, "interleaved": True}
+    for label, (s, _held) in zip(labels, sides, strict=True):
         out[label] = {"add": summary(s.add), "del": summary(s.dele)}
-    first, last = out[labels[0][0]], out[labels[1][0]]
-    out["growth_ratio_add_p50"] = round(last["add"]["p50"] / first["add"]["p50"], 3)
-    out["growth_ratio_add_p90"] = round(last["add"]["p90"] / first["add"]["p90"], 3)
-    out["failures"] = s.failures[:10]
-    for cid, ns in held:
-        run_one(argv, s.environ("DEL", cid, ns), s.stdin())
-        del_netns(ns)
+    first, last = out[labels[0]], out[labels[1]]
+    for q in ("p50", "p90"):
+        out[f"growth_ratio_add_{q}"] = round(last["add"][q] / first["add"][q], 3)
+        out[f"growth_ratio_del_{q}"] = round(last["del"][q] / first["del"][q], 3)
+    out["paired_add_ratio"] = summary([b / a for a, b in zip(sides[0][0].add, sides[1][0].add,
+                                                             strict=True)])
+    out["failures"] = [f for s, _ in sides for f in s.failures][:10]
+    for s, held in sides:
+        for cid, ns in held:
+            run_one(argv, s.environ("DEL", cid, ns), s.stdin())
+            del_netns(ns)
     return out
 
 
-def measure_steering(samples: int, repeat: int) -> dict[str, Any]:
-    """bench.steering in a process of its own (it attaches XDP to a NIC of its own)."""
+def measure_module(module: str, samples: int, *extra: str) -> dict[str, Any]:
+    """``bench.steering`` or ``bench.proxy`` in a process of its own (each has its own NIC)."""
     p = subprocess.run(
-        [sys.executable, "-m", "bench.steering", "--samples", str(samples), "--repeat",
-         str(repeat)], cwd=REPO, capture_output=True, check=False,
+        [sys.executable, "-m", module, "--samples", str(samples), *extra],
+        cwd=REPO, capture_output=True, check=False,
     )
     if p.returncode != 0:
         return {"error": p.stderr.decode()[-2000:]}

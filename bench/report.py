@@ -91,13 +91,16 @@ def print_rest(guest: dict[str, Any], p: dict[str, Any]) -> None:
                 print(f"{label:34s} ADD p50 {_f(v['add']['p50'])} p90 {_f(v['add']['p90'])}  "
                       f"DEL p50 {_f(v['del']['p50'])}")
         print(f"growth ratio (full pool / 1 lease): ADD p50 {sc.get('growth_ratio_add_p50')}, "
-              f"p90 {sc.get('growth_ratio_add_p90')}")
+              f"p90 {sc.get('growth_ratio_add_p90')}; DEL p50 {sc.get('growth_ratio_del_p50')}"
+              + (f"; paired per sample: ADD p50 {sc['paired_add_ratio']['p50']}"
+                 if "paired_add_ratio" in sc else ""))
     print_steering(guest.get("steering", {}))
+    print_proxy(guest.get("proxy", {}))
     print_phases("VM: phases of ADD (round 1: a fresh process; rounds 2+: warm, as in the agent)",
                  guest.get("phases", {}))
     ci = guest.get("phases", {}).get("cold_importtime")
     if ci:
-        top = list(ci["self_ms_by_package"].items())[:14]
+        top = sorted(ci["self_ms_by_package"].items(), key=lambda kv: -kv[1])[:14]
         print(f"cold ADD (python -S) import self-time by package, ms, min of {ci['runs']} runs "
               f"(ADD p50 {ci['add_ms_p50_with_importtime']:.0f} ms with -X importtime): "
               + ", ".join(f"{k} {v:.0f}" for k, v in top))
@@ -122,6 +125,26 @@ def print_steering(st: dict[str, Any]) -> None:
         pr = st["paired_ratios"][name]
         print(f"{name:36s} {_f(v['p50'], 8, 3)} {_f(v['p90'], 8, 3)} {_f(pr['p50'], 10, 2)} "
               f"{_f(pr['p90'], 10, 2)}")
+
+
+def print_proxy(px: dict[str, Any]) -> None:
+    """bench.proxy's table: AF_XDP delivery through the netkit's leased queue vs directly."""
+    if not px:
+        return
+    if "error" in px:
+        print(f"\n== VM proxy: {px['error'][-300:]} ==")
+        return
+    print(f"\n== VM proxy: AF_XDP {px['mode']}, live frames x {px['batch']} per sample, "
+          f"n={px['samples']}, {px['master']['driver']} master ({px['master']['xdp_mode']} XDP) ==")
+    print(f"{'socket bound to':28s} {'ns p50':>8s} {'ns p90':>8s} {'frames/s p50':>13s} "
+          f"{'lost':>6s}")
+    for name, v in px["ns_per_frame"].items():
+        label = {"leased": "netkit's leased queue", "direct": "the physical queue"}.get(name, name)
+        print(f"{label:28s} {_f(v['p50'])} {_f(v['p90'])} "
+              f"{px['frames_per_s_at'][name]['p50']:13d} {px['frames_lost'][name]:6d}")
+    r, pr = px["rate_ratio_leased_vs_direct"], px["paired_rate_ratio"]
+    print(f"receive rate, leased / direct: p50 {r['p50']:.3f}, p90 {r['p90']:.3f} "
+          f"(paired per round: p50 {pr['p50']:.2f}, p90 {pr['p90']:.2f})")
 
 
 def print_phases(title: str, phases: dict[str, Any]) -> None:

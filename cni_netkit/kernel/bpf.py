@@ -40,6 +40,8 @@ BPF_XDP = 37
 # map update flags; BPF_F_REPLACE for BPF_LINK_UPDATE: fail unless the old program matches
 BPF_ANY = 0
 BPF_F_REPLACE = 1 << 2
+# BPF_PROG_TEST_RUN flags
+BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 # XDP attach modes (uapi linux/if_link.h): flags for attaching, and what bpf_xdp_query reports
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
@@ -472,11 +474,14 @@ def xdp_test_run(prog_fd: int, frame: bytes, *, ifindex: int, rx_queue: int) -> 
 
 
 def xdp_test_run_timed(prog_fd: int, frame: bytes, *, ifindex: int, rx_queue: int,
-                       repeat: int = 1) -> tuple[int, int]:
+                       repeat: int = 1, live: bool = False) -> tuple[int, int]:
     """``xdp_test_run`` ``repeat`` times in the kernel: (verdict, mean ns per run).
 
     The kernel times its own loop (``duration``): the program plus the test
     harness's per-run reset of the frame, without any syscall in between.
+    ``live`` (BPF_F_TEST_XDP_LIVE_FRAMES): each run is a real frame and the
+    program's verdict is carried out (a redirect delivers it to the target,
+    an AF_XDP socket included); the verdict returned is then meaningless (0).
     """
     data = ctypes.create_string_buffer(frame, len(frame))
     ctx = _XdpMd(data=0, data_end=len(frame), ingress_ifindex=ifindex, rx_queue_index=rx_queue)
@@ -487,6 +492,7 @@ def xdp_test_run_timed(prog_fd: int, frame: bytes, *, ifindex: int, rx_queue: in
         ctx_in=ctypes.addressof(ctx),
         ctx_size_in=ctypes.sizeof(ctx),
         repeat=repeat,
+        flags=BPF_F_TEST_XDP_LIVE_FRAMES if live else 0,
     )
     _check(_lib().bpf_prog_test_run_opts(prog_fd, opts),
            f"test-run XDP program fd {prog_fd} on ifindex {ifindex} queue {rx_queue}")
