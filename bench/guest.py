@@ -415,7 +415,10 @@ def measure_module(module: str, samples: int, *extra: str) -> dict[str, Any]:
     )
     if p.returncode != 0:
         return {"error": p.stderr.decode()[-2000:]}
-    got: dict[str, Any] = json.loads(p.stdout)
+    try:
+        got: dict[str, Any] = json.loads(p.stdout)
+    except ValueError as e:
+        return {"error": f"{e}: {p.stdout.decode(errors='replace')[-1000:]}"}
     return got
 
 

@@ -104,12 +104,14 @@ class Receiver:
 
 
 def measure(samples: int, batch: int, dev_id: int = 41) -> dict[str, Any]:  # noqa: PLR0915
+    from cni_netkit import logs  # noqa: PLC0415
     from cni_netkit.config import parse_invocation  # noqa: PLC0415
     from cni_netkit.kernel import Kernel, bpf, netns, xsk  # noqa: PLC0415
     from cni_netkit.plugin import commands  # noqa: PLC0415
 
     if batch > RING:
         raise SystemExit(f"--batch must be <= {RING} (the ring holds a batch)")
+    logs.configure()  # the plugin's log lines to stderr: stdout is this module's JSON
     master, ifindex = make_nic(dev_id, 4)
     work = Path(tempfile.mkdtemp(prefix="bench-proxy-", dir="/run"))
     root = Path(tempfile.mkdtemp(prefix="bench-proxy-", dir="/sys/fs/bpf"))
