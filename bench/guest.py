@@ -35,6 +35,7 @@ from bench.common import (
     REPO,
     Run,
     flavours,
+    importtime_by_package,
     peak_rss_kb,
     run_many,
     run_one,
@@ -46,6 +47,11 @@ NSIM = Path("/sys/bus/netdevsim")
 WORK = Path("/run/bench")
 SOCKET = WORK / "agent" / "cni.sock"
 _ids = iter(range(10**9))
+# What main() can run (--parts): the ADD/DEL scenarios against Go, the scale
+# of a big NIC, the per-phase breakdown, the XDP program's per-frame cost, and
+# AF_XDP delivery through a netkit's leased queue vs the physical queue.
+PARTS = ("control", "scale", "phases", "steering", "proxy")
+SCALE_QUEUES, SCALE_POOL = 256, "1-255"
 
 
 def sh(*args: str) -> None:
@@ -197,15 +203,36 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--artifact")
     parser.add_argument("--warm-flavours", default="",
                         help="comma-separated starts to measure warm (default: all)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated parts to run (default: all of {','.join(PARTS)})")
+    parser.add_argument("--steer-repeat", type=int, default=1_000_000,
+                        help="BPF_PROG_TEST_RUN repeat per steering sample")
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse_args()
+    parts = {p for p in args.parts.split(",") if p}
+    if parts - set(PARTS):
+        raise SystemExit(f"unknown --parts: {sorted(parts - set(PARTS))}")
     WORK.mkdir(parents=True, exist_ok=True)
     go = Path(os.environ["CNI_NETKIT_CNI_PLUGINS"])
     ours_nic, go_nic = make_nic(30, 16), make_nic(31, 1)
+    scale_nics: tuple[str, ...] = ()
+    if "scale" in parts:
+        scale_nics = (make_nic(32, SCALE_QUEUES), make_nic(33, SCALE_QUEUES))
+    # Closed by default: the node admin names the masters (and pools) a config may lease.
+    # The agent started below and every plugin run inherit it.
+    os.environ["CNI_NETKIT_MASTERS"] = ";".join(
+        [f"{ours_nic}=0-15", *(f"{nic}={SCALE_POOL}" for nic in scale_nics)])
     starts = flavours(WORK, args.artifact)
+    steering: dict[str, Any] = {}
+    if "steering" in parts:  # first: its figures are short runs, least disturbed by leftovers
+        timed("steering", lambda: steering.update(measure_module(
+            "bench.steering", args.samples, "--repeat", str(args.steer_repeat))))
+    proxy: dict[str, Any] = {}
+    if "proxy" in parts:
+        timed("proxy", lambda: proxy.update(measure_module("bench.proxy", args.samples)))
     agent = Agent()
     warm_env = {"CNI_NETKIT_AGENT_SOCKET": str(SOCKET)}
     cold_env = {"CNI_NETKIT_NO_AGENT": "1"}
@@ -234,12 +261,47 @@ def main() -> int:
                                   f"warm {flavour}", argv, base, warm_env))
         scenarios.append(Scenario(f"netkit pair+host-local warm ({flavour})", "pair+host-local",
                                   f"warm {flavour}", argv, pair, warm_env))
+    # Cold as installed: the thin client, told not to use the agent, execs the plugin
+    # beside it (netkit-plugin: here the python -S launcher); the venv's console script
+    # (its .pth files load the editable finder at every start) only without the shim.
+    cold_start = "shim" if "shim" in starts else "venv"
     cold = [
-        Scenario("netkit single cold (venv)", "single", "cold venv", starts["venv"], base,
-                 cold_env),
-        Scenario("netkit pair+host-local cold (venv)", "pair+host-local", "cold venv",
-                 starts["venv"], pair, cold_env),
+        Scenario(f"netkit single cold ({cold_start})", "single", f"cold {cold_start}",
+                 starts[cold_start], base, cold_env),
+        Scenario(f"netkit pair+host-local cold ({cold_start})", "pair+host-local",
+                 f"cold {cold_start}", starts[cold_start], pair, cold_env),
     ]
+    control: dict[str, Any] = {}
+    if "control" in parts:
+        control = measure_control(args, scenarios, cold, go, agent)
+    # Scale: the fastest start measured warm (the growth ratio is what counts).
+    fastest = next((starts[f] for f in ("shim", "lean", "venv")
+                    if f in starts and (not warm_only or f in warm_only)), starts["venv"])
+    scale: dict[str, Any] = {}
+    if scale_nics:
+        timed("scale", lambda: scale.update(
+            measure_scale(args.scale_samples, fastest, warm_env, scale_nics)))
+    phases: dict[str, Any] = {}
+    if "phases" in parts:
+        timed("phases", lambda: phases.update(measure_phases(ours_nic)))
+        timed("cold imports", lambda: phases.update(
+            cold_importtime=measure_cold_imports(starts["lean"], base, cold_env)))
+    agent.stop()
+    write_json(args.out / "guest.json", {
+        "kernel": os.uname().release,
+        **control,
+        "scale": scale,
+        "phases": phases,
+        "steering": steering,
+        "proxy": proxy,
+        "params": vars(args) | {"out": str(args.out)},
+    })
+    return 0
+
+
+def measure_control(args: argparse.Namespace, scenarios: list[Scenario], cold: list[Scenario],
+                    go: Path, agent: Agent) -> dict[str, Any]:
+    """Our ADD/DEL against Go's, sequential and concurrent, cold and warm; peak RSS; floors."""
     # One unmeasured warm-up each: page cache, first host-local run, the agent's first request.
     for s in [*scenarios, *cold]:
         s.sample()
@@ -267,31 +329,18 @@ def main() -> int:
             s.measure_rss()
 
     timed("peak RSS", peak_rss)
-    agent_rss = agent.rss_kb()
+    agent_rss = agent.rss_kb()  # before the relayed requests, as ever
     relay_only: dict[str, Any] = {}
     for s in scenarios:  # the config of the first warm scenario of each pairing
         if s.impl.startswith("warm") and s.pairing not in relay_only:
             relay_only[s.pairing] = measure_relay(args.samples, s)
-    # Scale: the fastest start measured warm (the growth ratio is what counts).
-    fastest = next((starts[f] for f in ("shim", "lean", "venv")
-                    if f in starts and (not warm_only or f in warm_only)), starts["venv"])
-    scale = {}
-    timed("scale", lambda: scale.update(measure_scale(args.scale_samples, fastest, warm_env)))
-    phases = {}
-    timed("phases", lambda: phases.update(measure_phases(ours_nic)))
     floors = measure_floors(go)
-    agent.stop()
-    write_json(args.out / "guest.json", {
-        "kernel": os.uname().release,
+    return {
         "scenarios": {s.name: s.report() for s in [*scenarios, *cold]},
         "agent_rss_kb": agent_rss,
         "relay_only": relay_only,
-        "scale": scale,
-        "phases": phases,
         "floors": floors,
-        "params": vars(args) | {"out": str(args.out)},
-    })
-    return 0
+    }
 
 
 def measure_relay(samples: int, s: Scenario) -> dict[str, Any]:
@@ -312,34 +361,93 @@ def measure_relay(samples: int, s: Scenario) -> dict[str, Any]:
     return {"add": summary(add), "del": summary(dele)}
 
 
-def measure_scale(samples: int, argv: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Warm ADD (and DEL) with 1 other lease vs 63 others (this ADD fills the 64-queue pool)."""
-    nic = make_nic(32, 64)
-    conf = {"cniVersion": "1.1.0", "name": "scale", "type": "netkit", "master": nic,
-            "queues": "0-63", "stateDir": str(WORK / "state"), "lockTimeout": 300.0}
-    s = Scenario("scale", "", "warm", argv, conf, env)
-    held: list[tuple[str, str]] = []
+def measure_scale(samples: int, argv: list[str], env: dict[str, str], nics: tuple[str, ...]
+                  ) -> dict[str, Any]:
+    """Warm ADD (and DEL) with 1 other lease held vs 254 others (this ADD fills pool 1-255).
 
-    def hold(count: int) -> None:
-        while len(held) < count:
+    Two 256-queue netdevsim masters, both with pool 1-255 (queue 0 stays the
+    host's): the first holds 1 lease, the second 254, and their samples
+    alternate (one on each, then the next), so the machine's load drifts over
+    both alike. The ratio is the second's ADD p50 (p90) over the first's.
+    What the 254 attachments cost the node as a whole (netns, devices) is
+    then in both; what they cost on their master is the difference.
+    """
+    full = SCALE_QUEUES - 2  # held before the ADD that takes the last queue of 1-255
+    labels = ("1 lease held", f"{full} held (pool full after ADD)")
+    sides = []
+    for nic, others in zip(nics, (1, full), strict=True):
+        conf = {"cniVersion": "1.1.0", "name": f"scale-{nic}", "type": "netkit", "master": nic,
+                "queues": SCALE_POOL, "stateDir": str(WORK / "state"), "lockTimeout": 300.0}
+        s = Scenario("scale", "", "warm", argv, conf, env)
+        held: list[tuple[str, str]] = []
+        while len(held) < others:
             cid, ns = f"h{next(_ids)}", new_netns()
             s.check("fill ADD", run_one(argv, s.environ("ADD", cid, ns), s.stdin()))
             held.append((cid, ns))
-
-    out: dict[str, Any] = {}
-    for label, others in (("1 lease held", 1), ("63 held (pool full after ADD)", 63)):
-        hold(others)
-        s.add, s.dele, s.rss = [], [], []
-        for _ in range(samples):
+        s.sample()  # warm-up
+        s.add, s.dele = [], []
+        sides.append((s, held))
+    for _ in range(samples):
+        for s, _held in sides:
             s.sample()
+    out: dict[str, Any] = {"queues": SCALE_QUEUES, "pool": SCALE_POOL, "interleaved": True}
+    for label, (s, _held) in zip(labels, sides, strict=True):
         out[label] = {"add": summary(s.add), "del": summary(s.dele)}
-    first, full = out["1 lease held"]["add"]["p50"], out["63 held (pool full after ADD)"]["add"]
-    out["growth_ratio_add_p50"] = round(full["p50"] / first, 3)
-    out["failures"] = s.failures[:10]
-    for cid, ns in held:
-        run_one(argv, s.environ("DEL", cid, ns), s.stdin())
-        del_netns(ns)
+    first, last = out[labels[0]], out[labels[1]]
+    for q in ("p50", "p90"):
+        out[f"growth_ratio_add_{q}"] = round(last["add"][q] / first["add"][q], 3)
+        out[f"growth_ratio_del_{q}"] = round(last["del"][q] / first["del"][q], 3)
+    out["paired_add_ratio"] = summary([b / a for a, b in zip(sides[0][0].add, sides[1][0].add,
+                                                             strict=True)])
+    out["failures"] = [f for s, _ in sides for f in s.failures][:10]
+    for s, held in sides:
+        for cid, ns in held:
+            run_one(argv, s.environ("DEL", cid, ns), s.stdin())
+            del_netns(ns)
     return out
+
+
+def measure_module(module: str, samples: int, *extra: str) -> dict[str, Any]:
+    """``bench.steering`` or ``bench.proxy`` in a process of its own (each has its own NIC)."""
+    p = subprocess.run(
+        [sys.executable, "-m", module, "--samples", str(samples), *extra],
+        cwd=REPO, capture_output=True, check=False,
+    )
+    if p.returncode != 0:
+        return {"error": p.stderr.decode()[-2000:]}
+    try:
+        got: dict[str, Any] = json.loads(p.stdout)
+    except ValueError as e:
+        return {"error": f"{e}: {p.stdout.decode(errors='replace')[-1000:]}"}
+    return got
+
+
+def measure_cold_imports(argv: list[str], conf: dict[str, Any], env: dict[str, str],
+                         runs: int = 3) -> dict[str, Any]:
+    """Where a cold ADD's imports go: ``-X importtime`` self time by package (ms), min of runs.
+
+    The lean start (``python -S``, what the installed plugin runs): the venv's
+    site would add the editable finder, which no installed plugin has.
+    """
+    s = Scenario("cold imports", "", "cold", argv, conf, env)
+    by_run: list[dict[str, float]] = []
+    total: list[float] = []
+    for _ in range(runs):
+        netns, cid = new_netns(), f"i{next(_ids)}"
+        r = run_one(argv, {**s.environ("ADD", cid, netns), "PYTHONPROFILEIMPORTTIME": "1"},
+                    s.stdin())
+        s.check("ADD -X importtime", r)
+        run_one(argv, s.environ("DEL", cid, netns), s.stdin())
+        del_netns(netns)
+        by_run.append(importtime_by_package(r.stderr.decode(errors="replace")))
+        total.append(r.ms)
+    packages = {k for run in by_run for k in run}
+    per_package = {k: min(run.get(k, 0.0) for run in by_run) for k in packages}
+    return {
+        "runs": runs, "add_ms_p50_with_importtime": summary(total)["p50"],
+        "self_ms_by_package": dict(sorted(per_package.items(), key=lambda kv: -kv[1])),
+        "failures": s.failures[:3],
+    }
 
 
 def measure_phases(nic: str) -> dict[str, Any]:

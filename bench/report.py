@@ -23,7 +23,7 @@ def _f(x: Any, width: int = 8, digits: int = 1) -> str:
 
 def headline(guest: dict[str, Any]) -> dict[str, Any]:
     """ours/Go ratios of ADD p50 and concurrent ADD p50, for each of our scenarios."""
-    scen = guest["scenarios"]
+    scen = guest.get("scenarios", {})
     go = {s["pairing"]: s for s in scen.values() if s["impl"] == "go"}
     out = {}
     for name, s in scen.items():
@@ -48,12 +48,16 @@ def _ratio(a: float, b: float) -> float | None:
 
 def print_guest(guest: dict[str, Any], heads: dict[str, Any]) -> None:
     p = guest["params"]
+    if "scenarios" not in guest:  # --parts without control
+        print(f"\n== VM: kernel {guest['kernel']} under QEMU TCG, 1 vCPU ==")
+        print_rest(guest, p)
+        return
     print(f"\n== VM: kernel {guest['kernel']} under QEMU TCG, 1 vCPU; ms; sequential n="
           f"{p['samples']} (cold n={p['cold_samples']}), {p['concurrency']} concurrent x "
           f"{p['rounds']} rounds (cold: 1) ==")
     print(f"{'scenario':42s} {'ADD p50':>8s} {'ADD p90':>8s} {'DEL p50':>8s} {'DEL p90':>8s} "
           f"{'16x ADD':>8s} {'16x DEL':>8s} {'RSS MB':>7s} {'ADD/Go':>7s} {'16xADD/Go':>9s}")
-    for name, s in guest["scenarios"].items():
+    for name, s in guest.get("scenarios", {}).items():
         h = heads.get(name, {})
         rss = s["maxrss_kb_p50"] / 1024 if s["maxrss_kb_p50"] else None
         fail = f"  [{s['failure_count']} failed]" if s["failure_count"] else ""
@@ -73,16 +77,74 @@ def print_guest(guest: dict[str, Any], heads: dict[str, Any]) -> None:
     if floors:
         print("process start floors: " + "; ".join(
             f"{k} {v['p50']:.0f}" for k, v in floors.items()))
+    print_rest(guest, p)
+
+
+def print_rest(guest: dict[str, Any], p: dict[str, Any]) -> None:
+    """The parts after the scenarios: scale, steering, phases."""
     sc = guest.get("scale", {})
     if sc:
-        print("\n== VM scale: warm ADD on a 64-queue netdevsim, pool 0-63 ==")
+        print(f"\n== VM scale: warm ADD on a {sc.get('queues', 64)}-queue netdevsim, pool "
+              f"{sc.get('pool', '0-63')}, n={p['scale_samples']} ==")
         for label, v in sc.items():
             if isinstance(v, dict) and "add" in v:
                 print(f"{label:34s} ADD p50 {_f(v['add']['p50'])} p90 {_f(v['add']['p90'])}  "
                       f"DEL p50 {_f(v['del']['p50'])}")
-        print(f"growth ratio (ADD p50, full pool / 1 lease): {sc.get('growth_ratio_add_p50')}")
+        print(f"growth ratio (full pool / 1 lease): ADD p50 {sc.get('growth_ratio_add_p50')}, "
+              f"p90 {sc.get('growth_ratio_add_p90')}; DEL p50 {sc.get('growth_ratio_del_p50')}"
+              + (f"; paired per sample: ADD p50 {sc['paired_add_ratio']['p50']}"
+                 if "paired_add_ratio" in sc else ""))
+    print_steering(guest.get("steering", {}))
+    print_proxy(guest.get("proxy", {}))
     print_phases("VM: phases of ADD (round 1: a fresh process; rounds 2+: warm, as in the agent)",
                  guest.get("phases", {}))
+    ci = guest.get("phases", {}).get("cold_importtime")
+    if ci:
+        top = sorted(ci["self_ms_by_package"].items(), key=lambda kv: -kv[1])[:14]
+        print(f"cold ADD (python -S) import self-time by package, ms, min of {ci['runs']} runs "
+              f"(ADD p50 {ci['add_ms_p50_with_importtime']:.0f} ms with -X importtime): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in top))
+
+
+def print_steering(st: dict[str, Any]) -> None:
+    """bench.steering's table: ns per frame of each case, and the ratios."""
+    if not st:
+        return
+    if "error" in st:
+        print(f"\n== VM steering: {st['error'][-300:]} ==")
+        return
+    print(f"\n== VM steering: ns per frame, BPF_PROG_TEST_RUN x {st['repeat']}, n={st['samples']}, "
+          f"{st['master']['driver']} master ({st['master']['xdp_mode']} XDP), "
+          f"JIT {st['jit']} ==")
+    print(f"{'case':22s} {'p50':>8s} {'p90':>8s} {'min':>8s} {'above bare p50':>15s}")
+    for name, v in st["ns_per_frame"].items():
+        print(f"{name:22s} {_f(v['p50'])} {_f(v['p90'])} {_f(v['min'])} "
+              f"{_f(st['above_bare_ns_p50'][name], 15)}")
+    print(f"{'ratio':36s} {'p50/p50':>8s} {'p90/p90':>8s} {'paired p50':>10s} {'paired p90':>10s}")
+    for name, v in st["ratios"].items():
+        pr = st["paired_ratios"][name]
+        print(f"{name:36s} {_f(v['p50'], 8, 3)} {_f(v['p90'], 8, 3)} {_f(pr['p50'], 10, 2)} "
+              f"{_f(pr['p90'], 10, 2)}")
+
+
+def print_proxy(px: dict[str, Any]) -> None:
+    """bench.proxy's table: AF_XDP delivery through the netkit's leased queue vs directly."""
+    if not px:
+        return
+    if "error" in px:
+        print(f"\n== VM proxy: {px['error'][-300:]} ==")
+        return
+    print(f"\n== VM proxy: AF_XDP {px['mode']}, live frames x {px['batch']} per sample, "
+          f"n={px['samples']}, {px['master']['driver']} master ({px['master']['xdp_mode']} XDP) ==")
+    print(f"{'socket bound to':28s} {'ns p50':>8s} {'ns p90':>8s} {'frames/s p50':>13s} "
+          f"{'lost':>6s}")
+    for name, v in px["ns_per_frame"].items():
+        label = {"leased": "netkit's leased queue", "direct": "the physical queue"}.get(name, name)
+        print(f"{label:28s} {_f(v['p50'])} {_f(v['p90'])} "
+              f"{px['frames_per_s_at'][name]['p50']:13d} {px['frames_lost'][name]:6d}")
+    r, pr = px["rate_ratio_leased_vs_direct"], px["paired_rate_ratio"]
+    print(f"receive rate, leased / direct: p50 {r['p50']:.3f}, p90 {r['p90']:.3f} "
+          f"(paired per round: p50 {pr['p50']:.2f}, p90 {pr['p90']:.2f})")
 
 
 def print_phases(title: str, phases: dict[str, Any]) -> None:

@@ -203,11 +203,13 @@ class Kernel:
         return sock, family, ops
 
     def _genl(
-        self, netns: str | None, msg: Any, cmd: int, attrs: list[Any], *, dump: bool = False
+        self, netns: str | None, msg: Any, cmd: int, attrs: list[Any], *, dump: bool = False,
+        parse: Callable[[Any], Any] | None = None, memo: dict[bytes, Any] | None = None,
     ) -> list[Any]:
         sock, family, _ = self._netdev(netns)
         return nl.genl_request(
-            sock, family, msg, cmd, attrs, dump=dump, version=NETDEV_GENL_VERSION
+            sock, family, msg, cmd, attrs, dump=dump, version=NETDEV_GENL_VERSION, parse=parse,
+            memo=memo,
         )
 
     # --- probing ----------------------------------------------------------
@@ -499,12 +501,12 @@ class Kernel:
         with _netlink(f"queue-get dump{where}{_in(netns)}"):
             # the kernel filters the dump by NETDEV_A_QUEUE_IFINDEX
             attrs = [] if ifindex is None else [("NETDEV_A_QUEUE_IFINDEX", ifindex)]
-            return [
-                _queue(msg)
-                for msg in self._genl(
-                    netns, netdev_queue_msg(), NETDEV_CMD_QUEUE_GET, attrs, dump=True
-                )
-            ]
+            # Every ADD dumps the master's queues (rx and tx: 2 answers per queue id).
+            # Answers equal to ones seen before are not decoded again (_QUEUE_MEMO):
+            # the kernel's dump is still the whole truth each time, but a long-lived
+            # process (the node agent) decodes only the queues that changed.
+            return self._genl(netns, netdev_queue_msg(), NETDEV_CMD_QUEUE_GET, attrs, dump=True,
+                              parse=_queue, memo=_QUEUE_MEMO)
 
     def queue_create(
         self,
@@ -644,6 +646,10 @@ def _netkit_info(data: Any) -> NetkitInfo:
         headroom=_value(a, "IFLA_NETKIT_HEADROOM"),
         tailroom=_value(a, "IFLA_NETKIT_TAILROOM"),
     )
+
+
+# queue-get answer bytes (past the netlink header) -> their Queue; see Kernel.queues
+_QUEUE_MEMO: dict[bytes, Queue] = {}
 
 
 def _queue(msg: Any) -> Queue:

@@ -25,6 +25,7 @@ import errno
 import os
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from pyroute2.netlink import (
@@ -54,6 +55,8 @@ _HDR = struct.Struct("=IHHII")  # struct nlmsghdr
 _NLA = struct.Struct("=HH")
 # Past SKB_WITH_OVERHEAD(32768), the most a dump puts in one datagram
 _RECV_BUF = 1 << 16
+# Entries a decode memo (``request(memo=...)``) holds before it is emptied and refilled
+MEMO_LIMIT = 2048
 
 
 class NetlinkSocket:
@@ -71,7 +74,8 @@ class NetlinkSocket:
         self._sock.close()
 
     def request(
-        self, msg: nlmsg, msg_type: int, flags: int = 0, *, reply: type[nlmsg] | None = None
+        self, msg: nlmsg, msg_type: int, flags: int = 0, *, reply: type[nlmsg] | None = None,
+        parse: Callable[[Any], Any] | None = None, memo: dict[bytes, Any] | None = None,
     ) -> list[Any]:
         """Send pyroute2 message ``msg`` as ``msg_type``; its answers, decoded.
 
@@ -79,6 +83,14 @@ class NetlinkSocket:
         ACK yields none.  A dump (``NLM_F_DUMP`` in ``flags``) ends at
         NLMSG_DONE; anything else is sent with NLM_F_ACK and ends at the
         kernel's ACK.  An error raises ``NetlinkError``.
+
+        ``parse`` turns each decoded answer into the caller's value (returned
+        instead of the message). With ``memo`` as well, that value is kept by
+        the answer's bytes (all but the netlink header, i.e. without sequence
+        number and port): an answer the kernel sends again byte for byte is
+        not decoded again. The kernel still sends every answer; only the
+        decoding of one already seen is skipped, so ``parse`` must depend on
+        the bytes alone and return an immutable value.
         """
         self._seq += 1
         seq = self._seq
@@ -107,9 +119,23 @@ class NetlinkSocket:
                     _raise_for(data[start + _HDR.size : start + size], mflags,
                                echoes_header=kind == NLMSG_ERROR)
                     return answers  # error 0: the ACK, or the end of the dump
-                answer = cls(data[start : start + size])
-                answer.decode()
-                answers.append(answer)
+                if memo is not None:
+                    key = data[start + _HDR.size : start + size]
+                    value = memo.get(key)
+                    if value is None:
+                        value = _decode(cls, data[start : start + size], parse)
+                        if len(memo) >= MEMO_LIMIT:
+                            memo.clear()
+                        memo[key] = value
+                    answers.append(value)
+                    continue
+                answers.append(_decode(cls, data[start : start + size], parse))
+
+
+def _decode(cls: type[nlmsg], raw: bytes, parse: Callable[[Any], Any] | None) -> Any:
+    answer = cls(raw)
+    answer.decode()
+    return answer if parse is None else parse(answer)
 
 
 def _raise_for(body: bytes, flags: int, *, echoes_header: bool) -> None:
@@ -142,13 +168,17 @@ def _extack_msg(body: bytes, offset: int) -> str | None:
 
 def genl_request(
     sock: NetlinkSocket, family: int, msg: genlmsg, cmd: int, attrs: list[Any], *,
-    dump: bool = False, version: int = 1,
+    dump: bool = False, version: int = 1, parse: Callable[[Any], Any] | None = None,
+    memo: dict[bytes, Any] | None = None,
 ) -> list[Any]:
-    """A generic netlink request in pyroute2 message ``msg``; the decoded answers."""
+    """A generic netlink request in pyroute2 message ``msg``; the decoded answers.
+
+    ``parse`` and ``memo``: as for ``NetlinkSocket.request``.
+    """
     msg["cmd"] = cmd
     msg["version"] = version
     msg["attrs"] = attrs
-    return sock.request(msg, family, NLM_F_DUMP if dump else 0)
+    return sock.request(msg, family, NLM_F_DUMP if dump else 0, parse=parse, memo=memo)
 
 
 def genl_family(sock: NetlinkSocket, name: str) -> tuple[int, frozenset[int]]:

@@ -376,3 +376,41 @@ def test_transport_decodes_answers_with_the_reply_class_and_skips_stale_ones() -
 
     got = sock.request(queue_request(), 0x1D, 0x300)  # NLM_F_DUMP
     assert [m.get_attr("NETDEV_A_QUEUE_ID") for m in got] == [3, 4]
+
+
+def test_a_memo_decodes_an_answer_once_per_distinct_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The queue dump of every ADD: answers the kernel repeats byte for byte (all but the
+    # header: another sequence number) are not decoded again; changed ones are.
+    def dump(seq: int, *queues: list[Any]) -> bytes:
+        out = b""
+        for attrs in queues:
+            data = bytearray(queue_reply(attrs).data)
+            struct.pack_into("=I", data, 8, seq)
+            out += bytes(data)
+        return out + struct.pack("=IHHII", 20, 3, 2, seq, 0) + struct.pack("=i", 0)
+
+    free = [("NETDEV_A_QUEUE_ID", 1), ("NETDEV_A_QUEUE_TYPE", 0), ("NETDEV_A_QUEUE_IFINDEX", 4)]
+    leased = [*free, lease_nest(0)]
+    other = [("NETDEV_A_QUEUE_ID", 2), ("NETDEV_A_QUEUE_TYPE", 0), ("NETDEV_A_QUEUE_IFINDEX", 4)]
+    fake = FakeNetlink([dump(1, free, other), dump(2, free, other), dump(3, leased, other),
+                        dump(4, free, other)])
+    sock = NetlinkSocket(fake)  # type: ignore[arg-type]
+    parsed: list[Queue] = []
+
+    def parse(msg: Any) -> Queue:
+        parsed.append(_queue(msg))
+        return parsed[-1]
+
+    memo: dict[bytes, Any] = {}
+    rounds = [sock.request(queue_request(), 0x1D, 0x300, parse=parse, memo=memo)
+              for _ in range(4)]
+
+    q1, q2 = Queue(4, 1, "rx"), Queue(4, 2, "rx")
+    q1_leased = Queue(4, 1, "rx", lease=QueueLease(9, 1, "rx", 0))
+    assert rounds == [[q1, q2], [q1, q2], [q1_leased, q2], [q1, q2]]
+    assert parsed == [q1, q2, q1_leased]  # each distinct answer decoded once
+    # Full: emptied, then filled again (a long-lived agent's memo stays bounded).
+    monkeypatch.setattr("cni_netkit.kernel.rawnl.MEMO_LIMIT", 3)
+    fake.replies.append(dump(5, other, [*other, lease_nest(1)]))
+    assert sock.request(queue_request(), 0x1D, 0x300, parse=parse, memo=memo)[1].lease
+    assert len(memo) == 1
