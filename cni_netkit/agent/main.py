@@ -8,6 +8,8 @@
    cheap ``stat`` every ``poll`` seconds, so an ADD is published within about
    a second) and at least every ``interval`` seconds:
 
+   - the pools declared for the plugin, which reads them on every ADD
+     (``plugin.allowlist``: ADD leases nothing else, closed by default);
    - NIC preparation for every pool, and restoration for masters that no
      longer have one (``agent.nicprep``);
    - publishing: node extended resources and the per-pod leases annotation
@@ -493,6 +495,10 @@ class Agent:
                 # Pods still wired lose their AF_XDP traffic: drain the node first.
                 if xsk.remove_program(master):
                     log.info("AF_XDP steering program removed", master=master)
+        try:
+            allowlist.withdraw(self.cfg.state_dir)  # nothing declared any more
+        except OSError as e:
+            problems.append(f"the node's pool list: {e}")
         removed = install.uninstall(self.cfg.cni_bin_dir)
         log.info("CNI executable removed", removed=[str(p) for p in removed])
         if self._kube is not None:

@@ -337,7 +337,9 @@ def test_uninstall_restores_nics_and_removes_resources(
     kube = FakeKube()
     agent = make_agent(cfg, kernel, kube, nic)
     agent.run_pass([POOL])
+    assert allowlist.policy_path(cfg.state_dir).exists()
     assert agent.uninstall([POOL]) == []
+    assert not allowlist.policy_path(cfg.state_dir).exists()  # nothing declared any more
     assert nic.table == original
     assert POOL.resource not in kube.node.capacity
     assert PROBE_ANNOTATION not in kube.node.annotations
