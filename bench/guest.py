@@ -103,8 +103,15 @@ class Scenario:
         return {
             "PATH": PATH, "CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns,
             "CNI_IFNAME": "net1", "CNI_PATH": os.environ["CNI_NETKIT_CNI_PLUGINS"],
-            "CNI_NETKIT_STATE_DIRS": str(WORK / "state"), **self.env,
+            "CNI_NETKIT_STATE_DIRS": str(WORK / "state"), **self.declared(), **self.env,
         }
+
+    def declared(self) -> dict[str, str]:
+        """The node's admin declares the scenario's NIC (ADD is closed by default)."""
+        master, queues = self.conf.get("master"), self.conf.get("queues")
+        if not isinstance(master, str) or not isinstance(queues, str):
+            return {}
+        return {"CNI_NETKIT_MASTERS": f"{master}={queues}"}
 
     def stdin(self) -> bytes:
         return json.dumps(self.conf).encode()

@@ -176,6 +176,9 @@ def main() -> int:
         "cniVersion": "1.1.0", "name": "phases", "type": "netkit", "master": args.master,
         "queues": args.queues, "stateDir": args.state_dir, **json.loads(args.conf),
     }).encode()
+    # In-process, the plugin reads the process's environment: the node's admin
+    # declares the master (ADD is closed by default).
+    os.environ["CNI_NETKIT_MASTERS"] = f"{args.master}={args.queues}"
     env = {"CNI_CONTAINERID": "phases", "CNI_NETNS": args.netns, "CNI_IFNAME": "net1",
            "CNI_PATH": os.environ.get("CNI_NETKIT_CNI_PLUGINS", ""), "PATH": os.environ["PATH"],
            "CNI_NETKIT_STATE_DIRS": args.state_dir}

@@ -56,7 +56,8 @@ LOG_DIRS_ENV: Final = "CNI_NETKIT_LOG_DIRS"  # logFile must be inside one of the
 DEVICE_INFO_DIRS_ENV: Final = "CNI_NETKIT_DEVICE_INFO_DIRS"  # CNIDeviceInfoFile inside one
 KUBELET_ROOTS_ENV: Final = "CNI_NETKIT_KUBELET_ROOTS"  # kubeletRoot must be one of these
 # The masters and queues a config may lease: "eth1=8-15;eth2=0-3,6" (queue lists as in
-# "queues").  Unset: any (a node without multi-tenant NADs); docs/security.md.
+# "queues").  With the agent's pools it narrows them; with neither, ADD leases
+# nothing (plugin.allowlist, docs/security.md).
 MASTERS_ENV: Final = "CNI_NETKIT_MASTERS"
 DEFAULT_STATE_DIRS: Final = (DEFAULT_STATE_DIR,)
 DEFAULT_LOG_DIRS: Final = ("/var/log/cni-netkit",)
@@ -534,7 +535,6 @@ def _check_places(config: NetConf, environ: Mapping[str, str]) -> None:
     InvalidConfig (7) otherwise, before anything is written: the plugin runs
     as root, and these names come from a config a namespace user may write.
     """
-    _check_pool(config, environ)
     states = allowed_dirs(environ, STATE_DIRS_ENV, DEFAULT_STATE_DIRS)
     if config.state_dir not in states:
         raise errors.InvalidConfig(
@@ -565,7 +565,7 @@ def _check_places(config: NetConf, environ: Mapping[str, str]) -> None:
 
 
 def allowed_pools(environ: Mapping[str, str]) -> dict[str, frozenset[int]] | None:
-    """The node admin's ``CNI_NETKIT_MASTERS``: master -> queues a config may lease; None: any.
+    """The node admin's ``CNI_NETKIT_MASTERS``: master -> queues a config may lease; None: unset.
 
     A malformed entry allows nothing (it is skipped), so a typo narrows the
     policy instead of opening it.
@@ -584,37 +584,6 @@ def allowed_pools(environ: Mapping[str, str]) -> dict[str, frozenset[int]] | Non
             continue
         pools[master.strip()] = pools.get(master.strip(), frozenset()) | ids
     return pools
-
-
-def _check_pool(config: NetConf, environ: Mapping[str, str]) -> None:
-    """``master`` and ``queues`` inside what the node's admin set aside for leasing."""
-    pools = allowed_pools(environ)
-    if pools is None:
-        return
-    allowed = pools.get(config.master)
-    if allowed is None:
-        raise errors.InvalidConfig(
-            f"master {_short(config.master)} is not a NIC this node leases queues of",
-            f"allowed: {', '.join(sorted(pools)) or 'none'} (set by the node's {MASTERS_ENV})",
-        )
-    outside = sorted(set(config.queues) - allowed)
-    if outside:
-        raise errors.InvalidConfig(
-            f"queues {_spans(outside)} of {config.master} are not set aside for leasing",
-            f"allowed on {config.master}: {_spans(sorted(allowed))} "
-            f"(set by the node's {MASTERS_ENV})",
-        )
-
-
-def _spans(ids: list[int]) -> str:
-    """Sorted ``[1, 2, 3, 7]`` as ``"1-3,7"``."""
-    runs: list[list[int]] = []
-    for q in ids:
-        if runs and q == runs[-1][1] + 1:
-            runs[-1][1] = q
-        else:
-            runs.append([q, q])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def parse_command(environ: Mapping[str, str]) -> Command | Literal["VERSION"]:

@@ -8,6 +8,8 @@
    cheap ``stat`` every ``poll`` seconds, so an ADD is published within about
    a second) and at least every ``interval`` seconds:
 
+   - the pools declared for the plugin, which reads them on every ADD
+     (``plugin.allowlist``: ADD leases nothing else, closed by default);
    - NIC preparation for every pool, and restoration for masters that no
      longer have one (``agent.nicprep``);
    - publishing: node extended resources and the per-pod leases annotation
@@ -53,6 +55,7 @@ from cni_netkit.errors import NetkitError
 from cni_netkit.kernel import xsk
 from cni_netkit.kernel.ethtool import EthtoolAPI
 from cni_netkit.kernel.types import KernelAPI
+from cni_netkit.plugin import allowlist
 from cni_netkit.plugin.state import Attachment, StateStore
 
 log = structlog.get_logger("cni_netkit.agent")
@@ -251,6 +254,10 @@ class Agent:
 
     # -- start-up --
 
+    def kernel(self) -> KernelAPI:
+        """A kernel handle of the agent's kind; the caller closes it."""
+        return self._kernel()
+
     def install(self) -> install.InstallResult | None:
         if self.cfg.artifact is None:
             return None
@@ -272,6 +279,31 @@ class Agent:
         for line in report.summary().splitlines():
             log.info("probe", finding=line)
         return report
+
+    def declare(self, pools: Sequence[publish.Pool], kernel: KernelAPI) -> list[str]:
+        """Write the pools where the plugin reads them on every ADD (``plugin.allowlist``).
+
+        The node's default allow-list, with each master's ifindex as the
+        kernel has it now; no pools: no list (then only the runtime's
+        ``CNI_NETKIT_MASTERS`` can declare anything).
+        """
+        try:
+            if not pools:
+                if allowlist.withdraw(self.cfg.state_dir):
+                    log.info("no pools: the node's pool list removed")
+                return []
+            declared: dict[str, allowlist.DeclaredPool] = {}
+            for p in pools:
+                link = kernel.link(p.master)
+                prev = declared.get(p.master)
+                queues = frozenset(p.queues) | (prev.queues if prev else frozenset())
+                declared[p.master] = allowlist.DeclaredPool(
+                    p.master, queues, link.index if link else None
+                )
+            allowlist.write(self.cfg.state_dir, declared.values())
+        except (NetkitError, OSError) as e:
+            return [f"the node's pool list for the plugin: {e}"]
+        return []
 
     def steer(self, pools: Sequence[publish.Pool], *, startup: bool) -> list[str]:
         """Keep the AF_XDP steering program on every pool master (``xsk.reconcile``).
@@ -311,6 +343,7 @@ class Agent:
                         for c in unreadable)
         kernel = self._kernel()
         try:
+            problems.extend(self.declare(pools, kernel))
             problems.extend(self.steer(pools, startup=False))
             report = probe(kernel, [(p.master, p.queues) for p in pools])
             nic = self._prepare_nics(pools, attachments)
@@ -467,6 +500,10 @@ class Agent:
                 # Pods still wired lose their AF_XDP traffic: drain the node first.
                 if xsk.remove_program(master):
                     log.info("AF_XDP steering program removed", master=master)
+        try:
+            allowlist.withdraw(self.cfg.state_dir)  # nothing declared any more
+        except OSError as e:
+            problems.append(f"the node's pool list: {e}")
         removed = install.uninstall(self.cfg.cni_bin_dir)
         log.info("CNI executable removed", removed=[str(p) for p in removed])
         if self._kube is not None:
@@ -623,6 +660,12 @@ def main(args: argparse.Namespace) -> int:
             return 1 if problems else 0
         agent.install()
         agent.probe(pools)
+        kernel = agent.kernel()
+        try:
+            for problem in agent.declare(pools, kernel):
+                log.warning("start-up problem", problem=problem)
+        finally:
+            kernel.close()
         for problem in agent.steer(pools, startup=True):
             log.warning("start-up problem", problem=problem)
     except NetkitError as e:

@@ -41,7 +41,13 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, rtmsg
 
-from cni_netkit.errors import QUEUE_CREATE_ERRORS, KernelError, KernelUnsupported, kernel_error
+from cni_netkit.errors import (
+    QUEUE_CREATE_ERRORS,
+    KernelError,
+    KernelUnsupported,
+    NotSupported,
+    kernel_error,
+)
 from cni_netkit.kernel import netkit as netkit_kind
 from cni_netkit.kernel import netns as ns
 from cni_netkit.kernel import rawnl as nl
@@ -150,6 +156,15 @@ class Kernel:
         at most one netns's at a time rather than two sockets for every one it saw."""
         for key in [k for k in self._raw if k[0] == netns]:
             self._raw.pop(key).close()
+
+    def rss_table(self, ifname: str) -> tuple[int, ...] | None:
+        """``KernelAPI.rss_table``: ETHTOOL_GRXFHINDIR, in this process's (the host's) netns."""
+        from cni_netkit.kernel.ethtool import Ethtool  # noqa: PLC0415 - only ADD asks
+
+        try:
+            return Ethtool().rss_table(ifname)
+        except NotSupported:
+            return None
 
     # --- sockets ----------------------------------------------------------
 

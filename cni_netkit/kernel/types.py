@@ -238,4 +238,11 @@ class KernelAPI(Protocol):
         """Close the sockets opened in ``netns`` (which unpins it); reopened on next use."""
         ...
 
+    def rss_table(self, ifname: str) -> tuple[int, ...] | None:
+        """The default RSS context's indirection table of a host-netns device (entry -> ring).
+
+        None when its driver has no RSS table (``EOPNOTSUPP``); KernelError otherwise.
+        """
+        ...
+
     def close(self) -> None: ...

@@ -36,7 +36,7 @@ from cni_netkit.errors import (
     TryAgainLater,
 )
 from cni_netkit.kernel.types import KernelAPI, Link, NetkitSpec, PeerSpec, Queue
-from cni_netkit.plugin import afxdp, deviceinfo, ipam
+from cni_netkit.plugin import afxdp, allowlist, deviceinfo, ipam
 from cni_netkit.plugin.lock import master_lock
 from cni_netkit.plugin.state import Attachment, CorruptRecord, LeasedQueue, Owner, StateStore
 from cni_netkit.pool import choose, format_pool, free_queues
@@ -80,6 +80,10 @@ def add(inv: Invocation, kernel: KernelAPI) -> Result:
     netns, ifname = _require(inv.netns, "CNI_NETNS"), _require(inv.ifname, "CNI_IFNAME")
     owner = _owner(inv)
     device = _require(inv.pod_ifname, "CNI_IFNAME")  # podIfname, else CNI_IFNAME
+    # Closed by default: only a master and queues the node's admin declared,
+    # checked before anything is touched (plugin.allowlist).
+    declared = kernel.link(cfg.master)
+    allowlist.check_declared(cfg, _environ(), declared.index if declared else None)
     _check_pod_netns(kernel, netns)
     if kernel.link(device, netns=netns) is not None:
         raise InterfaceExists(f"interface {device} already exists in netns {netns}",
@@ -89,6 +93,7 @@ def add(inv: Invocation, kernel: KernelAPI) -> Result:
         # A down master lists no queues: without this, ADD would call its pool exhausted.
         raise TryAgainLater(f"master {cfg.master} is down",
                             "its queues can be read and leased once it is up again")
+    allowlist.check_rss(cfg, kernel.rss_table)
     store = StateStore(cfg.state_dir, check_dirs_once=True)  # this request's store
     att = Attachment(
         container_id=owner.container_id,

@@ -21,7 +21,7 @@ from cni_netkit.agent.main import PROBE_ANNOTATION, Agent, AgentConfig, load_con
 from cni_netkit.agent.publish import LEASES_ANNOTATION, Pool
 from cni_netkit.config import parse_invocation
 from cni_netkit.errors import NetkitError
-from cni_netkit.plugin import commands
+from cni_netkit.plugin import allowlist, commands
 from cni_netkit.plugin.state import Attachment, StateStore
 from tests.agent.test_nicprep import FakeEthtool
 from tests.unit.fake_kernel import FakeKernel
@@ -133,6 +133,9 @@ def add(kernel: FakeKernel, cfg: AgentConfig, pod_name: str, cid: str) -> Attach
         "CNI_ARGS": f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod_name}",
         "CNI_NETKIT_STATE_DIRS": str(cfg.state_dir),
     }
+    # The node's pools, declared as the agent's pass does (closed by default).
+    allowlist.write(cfg.state_dir, [allowlist.DeclaredPool(
+        POOL.master, frozenset(POOL.queues), kernel.master.link.index)])
     commands.add(parse_invocation(env, json.dumps(conf).encode()), kernel)
     (att,) = [a for a in StateStore(cfg.state_dir) if a.container_id == cid]
     return att
@@ -176,6 +179,31 @@ def test_pass_publishes_leases_capacity_and_probe(cfg: AgentConfig, kernel: Fake
     probe_doc = json.loads(kube.node.annotations[PROBE_ANNOTATION])
     assert probe_doc["masters"]["eth0"]["found"] is True
     assert report.published == 1 and report.attachments == 1
+
+
+def test_a_pass_declares_the_pools_where_every_add_reads_them(
+    cfg: AgentConfig, kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CNI_NETKIT_MASTERS", raising=False)
+    agent = make_agent(cfg, kernel, FakeKube())
+    extra = Pool(master="eth7", queues=(0, 1))  # not on this node (yet): name only
+    assert agent.run_pass([POOL, extra]).problems == ()
+    path = allowlist.policy_path(cfg.state_dir)
+    assert allowlist.read(path) == {
+        "eth0": allowlist.DeclaredPool("eth0", frozenset(POOL.queues), kernel.master.link.index),
+        "eth7": allowlist.DeclaredPool("eth7", frozenset({0, 1}), None),
+    }
+    # Not a copy in memory: the next ADD (cold or through the agent) reads the file.
+    netns = kernel.add_netns("/var/run/netns/p1")
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": netns,
+           "CNI_IFNAME": "net1", "CNI_NETKIT_STATE_DIRS": str(cfg.state_dir)}
+    conf = {"cniVersion": "1.1.0", "name": "n", "type": "netkit", "master": "eth0",
+            "queues": "0-3", "stateDir": str(cfg.state_dir)}
+    with pytest.raises(NetkitError, match="queues 0-3 of eth0 are not declared"):
+        commands.add(parse_invocation(env, json.dumps(conf).encode()), kernel)
+    # The pools gone from the ConfigMap: the list goes too (closed again without the env).
+    agent.run_pass([])
+    assert not path.exists()
 
 
 def test_second_pass_writes_nothing(cfg: AgentConfig, kernel: FakeKernel) -> None:
@@ -309,7 +337,9 @@ def test_uninstall_restores_nics_and_removes_resources(
     kube = FakeKube()
     agent = make_agent(cfg, kernel, kube, nic)
     agent.run_pass([POOL])
+    assert allowlist.policy_path(cfg.state_dir).exists()
     assert agent.uninstall([POOL]) == []
+    assert not allowlist.policy_path(cfg.state_dir).exists()  # nothing declared any more
     assert nic.table == original
     assert POOL.resource not in kube.node.capacity
     assert PROBE_ANNOTATION not in kube.node.annotations

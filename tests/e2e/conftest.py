@@ -171,6 +171,7 @@ class Runtime:
     state_dir: Path
     cni_path: str = ""
     agent_env: dict[str, str] = field(default_factory=dict)  # empty: always cold
+    masters: str | None = None  # CNI_NETKIT_MASTERS; None: each config's own master and queues
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def conf(self, master: str, **over: Any) -> dict[str, Any]:
@@ -198,7 +199,7 @@ class Runtime:
         cold: bool = False,
     ) -> Outcome:
         environ = {**self.environ(command, container_id, netns, ifname),
-                   **({} if cold else self.agent_env), **(env or {})}
+                   **self.declared(conf), **({} if cold else self.agent_env), **(env or {})}
         self.calls.append((command, conf))
         p = subprocess.run(
             [NETKIT], input=json.dumps(conf), env=environ, capture_output=True, text=True,
@@ -219,10 +220,20 @@ class Runtime:
             "CNI_NETKIT_STATE_DIRS": str(self.state_dir),
         }
 
+    def declared(self, conf: dict[str, Any]) -> dict[str, str]:
+        """This test node's admin declares the test's NIC: the config's master and queues.
+
+        Closed by default (plugin.allowlist): without a declaration ADD is refused.
+        ``masters`` overrides it ("" declares nothing); a test's own ``env`` wins.
+        """
+        if self.masters is not None:
+            return {"CNI_NETKIT_MASTERS": self.masters} if self.masters else {}
+        return declared_by_admin(conf)
+
     def spawn(self, command: str, conf: dict[str, Any], **kw: str) -> subprocess.Popen[str]:
         """Start one cold invocation (the plugin runs in the executable) and return at once."""
-        environ = self.environ(command, kw.get("container_id", "c1"), kw.get("netns", ""),
-                               kw.get("ifname", "net1"))
+        environ = {**self.environ(command, kw.get("container_id", "c1"), kw.get("netns", ""),
+                                  kw.get("ifname", "net1")), **self.declared(conf)}
         p = subprocess.Popen(
             [NETKIT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=environ, text=True,
@@ -232,6 +243,15 @@ class Runtime:
         p.stdin.close()
         p.stdin = None  # written and closed: communicate() must only read
         return p
+
+
+def declared_by_admin(conf: dict[str, Any]) -> dict[str, str]:
+    """``CNI_NETKIT_MASTERS`` declaring a config's master and queues, as a node's admin would."""
+    master, queues = conf.get("master"), conf.get("queues")
+    if not isinstance(master, str) or queues is None:
+        return {}
+    spans = queues if isinstance(queues, str) else ",".join(str(q) for q in queues)
+    return {"CNI_NETKIT_MASTERS": f"{master}={spans}"}
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 
 from cni_netkit import __version__
 from cni_netkit.agent.install import install
-from tests.e2e.conftest import Nic, leased_queues, netkit_links, start_agent
+from tests.e2e.conftest import Nic, declared_by_admin, leased_queues, netkit_links, start_agent
 
 pytestmark = pytest.mark.kernel
 
@@ -40,7 +40,8 @@ def cni(bin_dir: Path, command: str, config: dict[str, Any], netns: str, state: 
         **env: str) -> subprocess.CompletedProcess[str]:
     environ = {"CNI_COMMAND": command, "CNI_CONTAINERID": "art1", "CNI_NETNS": netns,
                "CNI_IFNAME": "net1", "CNI_PATH": str(bin_dir), "CNI_NETKIT_STATE_DIRS": str(state),
-               **env}
+               # the node's admin declares the test's NIC (closed by default)
+               **declared_by_admin(config), **env}
     return subprocess.run([str(bin_dir / "netkit")], input=json.dumps(config), env=environ,
                           capture_output=True, text=True, timeout=600, cwd="/", check=False)
 

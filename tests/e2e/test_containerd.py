@@ -30,6 +30,8 @@ from typing import Any
 
 import pytest
 
+from cni_netkit.config import parse_queue_pool
+from cni_netkit.plugin import allowlist
 from cni_netkit.plugin.state import StateStore
 from tests.e2e.conftest import (
     NETKIT,
@@ -197,6 +199,10 @@ def nic() -> Iterator[Nic]:
 def pair_network(nic: Nic, containerd: Containerd, data: Path, version: str = "1.0.0",
                  queues: str = "1-2") -> dict[str, Any]:
     ipam = {"type": "host-local", "ranges": [[{"subnet": "10.88.9.0/24"}]], "dataDir": str(data)}
+    # The node's pools, declared where the plugin reads them on every ADD (closed by
+    # default), as the agent writes them from its ConfigMap.
+    allowlist.write(containerd.state, [allowlist.DeclaredPool(
+        nic.name, frozenset(parse_queue_pool(queues)), nic.ifindex)])
     return {"cniVersion": version, "name": "netkit-default", "plugins": [
         {"type": "netkit", "master": nic.name, "queues": queues, "pairing": "pair",
          "mode": "l3", "stateDir": str(containerd.state), "ipam": ipam}]}

@@ -120,8 +120,15 @@ def podman(podman_base: Path, tmp_path: Path) -> Iterator[Podman]:
 
 
 def write_network(tmp_path: Path, name: str, version: str, nic: Nic, **over: Any) -> None:
+    from cni_netkit.config import parse_queue_pool  # noqa: PLC0415 - after the VM check
+    from cni_netkit.plugin import allowlist  # noqa: PLC0415
+
     plugin = {"type": "netkit", "master": nic.name, "queues": "1-2",
               "stateDir": str(tmp_path / "state"), **over}
+    # The node's pools, declared where the plugin reads them on every ADD (closed by
+    # default), as the agent writes them from its ConfigMap.
+    allowlist.write(plugin["stateDir"], [allowlist.DeclaredPool(
+        nic.name, frozenset(parse_queue_pool(plugin["queues"])), nic.ifindex)])
     (tmp_path / "net.d" / f"{name}.conflist").write_text(
         json.dumps({"cniVersion": version, "name": name, "plugins": [plugin]})
     )

@@ -208,7 +208,7 @@ def test_concurrent_adds_through_the_agent_get_distinct_queues(
             [netkit.path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**PATH_ENV, **agent.env, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": cid,
                  "CNI_NETNS": ns, "CNI_IFNAME": "net1", "CNI_PATH": runtime.cni_path,
-                 "CNI_NETKIT_STATE_DIRS": str(runtime.state_dir)},
+                 "CNI_NETKIT_STATE_DIRS": str(runtime.state_dir), **runtime.declared(conf)},
         )
         for cid, ns in spaces
     ]

@@ -12,6 +12,7 @@ to its netkit queue, as QEMU's would be.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from cni_netkit.kernel import Kernel, xsk
 from cni_netkit.plugin import commands
 from cni_netkit.plugin.state import StateStore
 from cni_netkit.result import Result
-from tests.e2e.conftest import Nic, Runtime, netkit_links
+from tests.e2e.conftest import Nic, Runtime, declared_by_admin, netkit_links
 from tests.e2e.consumers import send_on_rx_queue
 from tests.kernel.xsk_receiver import XskReceiver
 from tests.kernel.xsk_support import (
@@ -57,8 +58,14 @@ def call(command: str, conf: dict[str, Any], *, container_id: str = "c1", netns:
                "CNI_IFNAME": ifname, "CNI_PATH": "", "CNI_ARGS": cni_args,
                "CNI_NETKIT_STATE_DIRS": conf["stateDir"]}
     inv = parse_invocation(environ, json.dumps(conf).encode())
-    with Kernel() as kernel:
-        return commands.run(inv, kernel)
+    # The node's admin declares the test's NIC (closed by default), in this
+    # request's environment as the agent sets it for a relayed one.
+    token = commands.request_environ.set({**os.environ, **declared_by_admin(conf)})
+    try:
+        with Kernel() as kernel:
+            return commands.run(inv, kernel)
+    finally:
+        commands.request_environ.reset(token)
 
 
 def add(conf: dict[str, Any], **kw: Any) -> dict[str, Any]:

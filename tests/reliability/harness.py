@@ -41,7 +41,7 @@ from typing import Any
 from cni_netkit.cni import entry
 from cni_netkit.cni.client import NO_AGENT_ENV
 from cni_netkit.errors import InvalidNetns
-from cni_netkit.plugin.commands import FAULT_ENV
+from cni_netkit.plugin.commands import FAULT_ENV, request_environ
 
 BIN = Path(sys.executable).parent
 NETKIT = os.environ.get("CNI_NETKIT_EXE") or str(BIN / "netkit")
@@ -162,7 +162,13 @@ def call(env: Mapping[str, str], stdin: bytes) -> Reply:
     if env.get(FAULT_ENV, "").endswith(":kill") or os.environ.get(FAULT_ENV):
         raise ValueError("a kill fault in the test process would kill the test")
     out = io.StringIO()
-    status = entry.run(env, io.BytesIO(stdin), out)
+    # The request's environment is the plugin's, as the agent serves a relayed
+    # one: ADD reads the node's declared masters (CNI_NETKIT_MASTERS) from it.
+    token = request_environ.set(env)
+    try:
+        status = entry.run(env, io.BytesIO(stdin), out)
+    finally:
+        request_environ.reset(token)
     return Reply(status, out.getvalue())
 
 

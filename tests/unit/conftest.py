@@ -20,3 +20,15 @@ def kernel() -> FakeKernel:
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
     return tmp_path / "state"
+
+
+@pytest.fixture(autouse=True)
+def declared_master(monkeypatch: pytest.MonkeyPatch) -> str:
+    """This test node's admin declares the fake master's queues (closed by default).
+
+    ADD refuses every master nobody declared (plugin.allowlist); tests of that
+    refusal delete or replace the setting.
+    """
+    value = "eth0=0-63"
+    monkeypatch.setenv("CNI_NETKIT_MASTERS", value)
+    return value

@@ -58,6 +58,8 @@ class FakeKernel:
         self.open_netns: set[str] = set()  # netns it would hold sockets in (links())
         self.most_open_netns = 0
         self.support = KernelSupport("7.2.13", True, True, True)
+        # ifname -> its RSS indirection table; absent: no RSS ops (netdevsim's answer)
+        self.rss: dict[str, tuple[int, ...]] = {}
         self.master = self._add(
             Link(next(self._index), master, None, "02:00:00:00:00:01", 1500, True, None,
                  master_queues, master_queues, parent_bus="netdevsim"),
@@ -96,6 +98,10 @@ class FakeKernel:
     def probe(self) -> KernelSupport:
         self._maybe_fail("probe")
         return self.support
+
+    def rss_table(self, ifname: str) -> tuple[int, ...] | None:
+        self._maybe_fail("rss_table")
+        return self.rss.get(ifname)
 
     def check_netns(self, path: str) -> None:
         if path not in self.netns:

@@ -106,9 +106,12 @@ def test_add_refuses_existing_ifname_and_changes_nothing(kernel: FakeKernel, sta
     assert len(kernel.leased_master_queues()) == 1
 
 
-def test_add_needs_a_netns_and_a_master(kernel: FakeKernel, state: Path) -> None:
+def test_add_needs_a_netns_and_a_master(
+    kernel: FakeKernel, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(InvalidNetns):
         commands.add(inv("ADD", state, netns="/var/run/netns/gone"), kernel)
+    monkeypatch.setenv("CNI_NETKIT_MASTERS", "eth0=0-63;eth9=0-15")  # declared, yet absent
     with pytest.raises(MasterNotFound):
         commands.add(inv("ADD", state, master="eth9"), kernel)
     assert kernel.links_in(POD) == []

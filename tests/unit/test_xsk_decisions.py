@@ -245,8 +245,9 @@ def test_add_refuses_more_queues_than_an_xsk_map_has_slots(
 
 
 def test_pair_mode_and_unsteered_masters_get_no_map(
-    bpffs: Bpffs, kernel: FakeKernel, tmp_path: Path
+    bpffs: Bpffs, kernel: FakeKernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("CNI_NETKIT_MASTERS", "eth0=0-63;eth1=0-63")
     pair = commands.add(add_inv(tmp_path / "s1", pairing="pair", mode="l3"), kernel)
     assert pair.netkit is not None and pair.netkit.map_path is None
     other = FakeKernel(master="eth1")
