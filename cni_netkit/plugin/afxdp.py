@@ -40,6 +40,7 @@ or an attachment has a map: other requests pay one path check.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterable
 from contextlib import ExitStack
@@ -114,7 +115,14 @@ def volume_dir(kubelet_root: str, pod_uid: str | None, volume: str) -> Path:
             "xskMapVolume needs the pod's K8S_POD_UID in CNI_ARGS",
             f"got {pod_uid!r}: the map is delivered into <kubeletRoot>/pods/<uid>/volumes/"
             f"{EMPTY_DIR}/{volume}")
-    return Path(kubelet_root) / "pods" / pod_uid / "volumes" / EMPTY_DIR / volume
+    return kubelet_pods(kubelet_root) / pod_uid / "volumes" / EMPTY_DIR / volume
+
+
+def kubelet_pods(kubelet_root: str) -> Path:
+    """``<kubeletRoot>/pods`` with the root's links resolved, as /proc/self/mountinfo
+    names the mounts below it (a node's /var/lib/kubelet is often a link to a data
+    disk). The root is one the node's admin allows (CNI_NETKIT_KUBELET_ROOTS)."""
+    return Path(os.path.realpath(kubelet_root)) / "pods"
 
 
 def slots(queues: Iterable[LeasedQueue]) -> tuple[xsk.XskSlot, ...]:
@@ -275,12 +283,16 @@ def release(
     root = bpffs.bpf_root()
     master = att.master if att else cfg.master
     delivered = att.extra.get(VOLUME_PIN) if att else None
+    # Without the final record's pin (no record, or ADD's intent record: ADD was
+    # killed after delivering), the pin in the pod's volume is derived as ADD did.
+    uid = pod_uid or (att.extra.get(POD_UID) if att else None)
     if delivered:
         _undeliver(Path(delivered))
-    elif att is None and cfg.xsk_map_volume is not None and pod_uid:
+    elif cfg.xsk_map_volume is not None and uid:
         with contextlib.suppress(NetkitError):  # no usable uid: ADD delivered nothing
-            name = pin_path(root, owner, pod_namespace, pod_name).name
-            _undeliver(volume_dir(cfg.kubelet_root, pod_uid, cfg.xsk_map_volume)
+            name = pin_path(root, owner, att.pod_namespace if att else pod_namespace,
+                            att.pod_name if att else pod_name).name
+            _undeliver(volume_dir(cfg.kubelet_root, uid, cfg.xsk_map_volume)
                        / POD_BPFFS / name)
     recorded = att.extra.get(MAP_PATH) if att else None
     if recorded:
@@ -337,7 +349,7 @@ def gc(cfg: NetConf, kernel: KernelAPI, valid: frozenset[tuple[str, str]],
         if (owner.container_id, owner.ifname) not in valid:
             _try(failures, f"{path}", _release_pin, cfg, path)
     if cfg.xsk_map_volume is not None:
-        for where in bpffs.instances_below(Path(cfg.kubelet_root) / "pods"):
+        for where in bpffs.instances_below(kubelet_pods(cfg.kubelet_root)):
             if (where.name, where.parent.name, where.parent.parent.name) != (
                     POD_BPFFS, cfg.xsk_map_volume, EMPTY_DIR):
                 continue

@@ -330,3 +330,30 @@ def test_a_delivered_map_is_reported_as_the_pod_sees_it() -> None:
     assert "map-path=/run/netkit/xsk/afxdp:c1:net1," in (att.qemu_netdev or "")
     assert lease_entry(att)["mapPath"] == "/run/netkit/xsk/afxdp:c1:net1"
     assert Attachment.from_json(json.loads(json.dumps(att.to_json()))) == att
+
+
+def test_the_volume_is_found_through_a_kubelet_root_that_is_a_link(tmp_path: Path) -> None:
+    # /proc/self/mountinfo names the resolved path: a linked root must resolve too,
+    # or DEL would never see the pod's bpffs as mounted (and leave it).
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "kubelet").symlink_to(tmp_path / "disk")
+    assert afxdp.volume_dir(str(tmp_path / "kubelet"), "uid-1", "xsk") == (
+        tmp_path / "disk/pods/uid-1/volumes/kubernetes.io~empty-dir/xsk")
+
+
+def test_del_after_an_add_killed_past_delivery_undelivers_the_pods_pin(
+    bpffs: Bpffs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ADD saved its intent record (pod uid only), delivered, then was killed before
+    # the final record: DEL must still find the pin in the pod's volume.
+    uid = "0f9d6c1e-7b7a-4c1e-9a53-2b8c1d0e4f11"
+    cfg = add_inv(tmp_path / "state", **delivering(tmp_path, uid=uid)).config
+    undelivered: list[Path] = []
+    monkeypatch.setattr(afxdp, "_undeliver", undelivered.append)
+    intent = Attachment(container_id="c1", ifname="net1", netns="/x", network="afxdp",
+                        master="eth0", pairing="single", mode="l2", mac=None, mtu=None,
+                        queues=(), pod_namespace="vms", pod_name="vm-a",
+                        extra={afxdp.POD_UID: uid})
+    afxdp.release(cfg, OWNER, intent)
+    assert undelivered == [afxdp.volume_dir(cfg.kubelet_root, uid, "xsk")
+                           / afxdp.POD_BPFFS / "afxdp:c1:net1"]
