@@ -256,15 +256,14 @@ def test_chained_after_ptp_our_netkit_is_added_and_the_primary_keeps_the_pod_ip(
     ptp's, the record is keyed by (network, sandbox, eth0) throughout.
     """
     data = tmp_path / "ipam"
-    # The node's admin declares the master in the plugin's environment (closed by
-    # default): a wrapper, since containerd hands its plugins its own environment.
-    wrapper = containerd.netd.parent / "cni-bin" / "netkit-declared"
-    wrapper.write_text(f"#!/bin/sh\nCNI_NETKIT_MASTERS='{nic.name}=1-2' exec {NETKIT} \"$@\"\n")
-    wrapper.chmod(0o755)
+    # The node's pools, declared where the plugin reads them (closed by default), as
+    # the agent writes them: for this test's NIC (an earlier test's file names another).
+    allowlist.write(containerd.state, [allowlist.DeclaredPool(
+        nic.name, frozenset(parse_queue_pool("1-2")), nic.ifindex)])
     containerd.network({"cniVersion": "1.0.0", "name": "chained", "plugins": [
         {"type": "ptp", "ipam": {"type": "host-local", "dataDir": str(data),
                                  "ranges": [[{"subnet": "10.88.10.0/24"}]]}},
-        {"type": wrapper.name, "master": nic.name, "queues": "1-2", "podIfname": "net1",
+        {"type": "netkit", "master": nic.name, "queues": "1-2", "podIfname": "net1",
          "stateDir": str(containerd.state)},
     ]})
     sid = run_sandbox(cri, containerd, "p2", "uid-p2")
