@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from typing import Any
 from cni_netkit.cni import entry
 from cni_netkit.cni.client import NO_AGENT_ENV
 from cni_netkit.errors import InvalidNetns
+from cni_netkit.kernel import Kernel
 from cni_netkit.plugin.commands import FAULT_ENV, request_environ
 
 BIN = Path(sys.executable).parent
@@ -416,6 +418,32 @@ def _held_locks(d: Path) -> frozenset[str]:
         finally:
             os.close(fd)
     return frozenset(held)
+
+
+def lease_problems(nic: Nic, live: Iterable[Any], when: str) -> tuple[list[str], Counter[int]]:
+    """The master's leases as the kernel reports them, against the live pods (each with
+    ``cid``, ``netns`` and ``queues``; their netkit named net1): what differs (a pod's
+    netkit missing, a queue not leased to it, a lease no live pod owns), and how many
+    live pods claim each queue (a storm expects 1 each)."""
+    found: list[str] = []
+    holders: Counter[int] = Counter()
+    with Kernel() as k:
+        leases = {q.id: q.lease for q in k.queues(nic.ifindex)
+                  if q.type == "rx" and q.lease is not None}
+        for p in live:
+            link = k.link("net1", netns=p.netns)
+            if link is None:
+                found.append(f"{when}: {p.cid}'s netkit is missing")
+                continue
+            nsid = k.netns_id(p.netns)
+            for q in p.queues:
+                lease = leases.get(q)
+                if lease is None or (lease.ifindex, lease.netns_id) != (link.index, nsid):
+                    found.append(f"{when}: queue {q} is not leased to {p.cid} ({lease})")
+                holders[q] += 1
+    found += [f"{when}: lease of queue {q} owned by no live pod"
+              for q in sorted(set(leases) - set(holders))]
+    return found, holders
 
 
 def differences(expected: NodeState, actual: NodeState) -> tuple[list[str], list[str]]:

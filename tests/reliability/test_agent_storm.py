@@ -84,6 +84,7 @@ from tests.reliability.harness import (
     Nic,
     add_netns,
     del_netns,
+    lease_problems,
     make_nic,
     observe,
 )
@@ -511,26 +512,9 @@ class AgentStorm:
     def verify(self, when: str) -> None:
         """The node holds exactly what the live pods imply, read back from the kernel."""
         live = [p for p in self.pods if p.state == "added"]
-        found: list[str] = []
-        with Kernel() as k:
-            leases = {q.id: q.lease for q in k.queues(self.nic.ifindex)
-                      if q.type == "rx" and q.lease is not None}
-            holders: Counter[int] = Counter()
-            for p in live:
-                link = k.link("net1", netns=p.netns)
-                if link is None:
-                    found.append(f"{when}: {p.cid}'s netkit is missing")
-                    continue
-                nsid = k.netns_id(p.netns)
-                for q in p.queues:
-                    lease = leases.get(q)
-                    if lease is None or (lease.ifindex, lease.netns_id) != (link.index, nsid):
-                        found.append(f"{when}: queue {q} is not leased to {p.cid} ({lease})")
-                    holders[q] += 1
-            self.expect(all(n == 1 for n in holders.values()),
-                        f"{when}: queues held by two live pods: {holders}")
-            found += [f"{when}: lease of queue {q} owned by no live pod"
-                      for q in sorted(set(leases) - set(holders))]
+        found, holders = lease_problems(self.nic, live, when)
+        self.expect(all(n == 1 for n in holders.values()),
+                    f"{when}: queues held by two live pods: {holders}")
         # One state, device-info and IPAM root for both networks (as on a node).
         state = observe(self.nic, self.nets[0])
         want_records = {f"attachments/{attachment_key(p.net.name, p.cid, 'net1')}.json"

@@ -39,7 +39,6 @@ from typing import Any
 
 import pytest
 
-from cni_netkit.kernel import Kernel
 from cni_netkit.plugin.state import Owner, attachment_key
 from tests.reliability.figures import Figures, Suite
 from tests.reliability.harness import (
@@ -49,6 +48,7 @@ from tests.reliability.harness import (
     Reply,
     add_netns,
     del_netns,
+    lease_problems,
     make_nic,
     observe,
     spawn,
@@ -233,26 +233,9 @@ class Storm:
     def verify(self, when: str) -> None:
         """The node holds exactly what the live pods imply, read back from the kernel."""
         live = [p for p in self.pods if p.state == "added"]
-        found: list[str] = []
-        with Kernel() as k:
-            leases = {q.id: q.lease for q in k.queues(self.nic.ifindex)
-                      if q.type == "rx" and q.lease is not None}
-            holders: Counter[int] = Counter()
-            for p in live:
-                link = k.link("net1", netns=p.netns)
-                if link is None:
-                    found.append(f"{when}: {p.cid}'s netkit is missing")
-                    continue
-                nsid = k.netns_id(p.netns)
-                for q in p.queues:
-                    lease = leases.get(q)
-                    if lease is None or (lease.ifindex, lease.netns_id) != (link.index, nsid):
-                        found.append(f"{when}: queue {q} is not leased to {p.cid} ({lease})")
-                    holders[q] += 1
-            self.expect(all(n == 1 for n in holders.values()),
-                        f"{when}: queues held by two live pods: {holders}")
-            extra = sorted(set(leases) - set(holders))
-            found += [f"{when}: lease of queue {q} owned by no live pod" for q in extra]
+        found, holders = lease_problems(self.nic, live, when)
+        self.expect(all(n == 1 for n in holders.values()),
+                    f"{when}: queues held by two live pods: {holders}")
         state = observe(self.nic, self.net)
         want_netkits = {f"netkit net1@{Path(p.netns).name} "
                         f"alias={Owner(self.net.name, p.cid, 'net1').alias!r}" for p in live}
