@@ -32,13 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-dir", default=env("CNI_NETKIT_MAP_DIR"),
                         help="where QEMU's container sees the pin directory, when not at the "
                              "lease's mapPath (env CNI_NETKIT_MAP_DIR)")
+    parser.add_argument("--qemu-multiqueue", action="store_true",
+                        default=env("CNI_NETKIT_QEMU_MULTIQUEUE", "") == "1",
+                        help="give a lease of N queues to QEMU as one queues=N netdev; only "
+                             "for a QEMU whose af-xdp netdev reads every queue (10.2 reads "
+                             "only the last: docs/kubevirt.md) (env "
+                             "CNI_NETKIT_QEMU_MULTIQUEUE=1)")
 
 
 def main(args: argparse.Namespace) -> int:
     logs.configure("info")  # JSON lines on stderr: the container log
     settings = server.Settings(binding=args.binding, network_info=args.network_info or None,
                                leases=args.leases or None, wait=args.wait,
-                               map_dir=args.map_dir or None)
+                               map_dir=args.map_dir or None,
+                               qemu_multiqueue=args.qemu_multiqueue)
     grpc_server, hooks = server.serve(settings, args.hooks_dir)
 
     def stop(signum: int, _: FrameType | None) -> None:

@@ -40,6 +40,9 @@ class Settings:
     leases: str | None = None
     wait: float = 40.0  # below virt-launcher's 1 min deadline, so our message is the one seen
     map_dir: str | None = None
+    # Hand a multi-queue lease to QEMU as one ``queues=N`` netdev: only for a QEMU whose
+    # af-xdp netdev reads every queue (see define_domain).
+    qemu_multiqueue: bool = False
 
     def socket_path(self, hooks_dir: str) -> str:
         return str(Path(hooks_dir) / f"{self.binding}.sock")
@@ -90,6 +93,18 @@ def define_domain(domain_xml: bytes, vmi_json: bytes, settings: Settings) -> byt
         return domain_xml  # a VMI without our binding: nothing to do
     nics = leases.wait_for_leases(ifaces, network_info=settings.network_info,
                                   leases=settings.leases, timeout=settings.wait)
+    multi = [nic for nic in nics if nic.queues > 1]
+    if multi and not settings.qemu_multiqueue:
+        # QEMU's af-xdp netdev (10.2, net/af-xdp.c) turns its read handler on once, after
+        # its per-queue loop, for the last queue (with inhibit=on), and nothing turns the
+        # others' on: the guest would get only the last leased queue's frames, silently.
+        # Measured in tests/e2e/test_qemu_consumer.py. Refuse rather than start such a VM.
+        raise leases.LeaseError(
+            f"interface {multi[0].name}: its lease has {multi[0].queues} queues, but QEMU's "
+            "af-xdp netdev reads only the last of its queues (the others' frames would "
+            "never reach the VM); lease one queue per attachment (queuesPerAttachment: 1) "
+            "or, with a QEMU that reads every queue, start the sidecar with "
+            "--qemu-multiqueue")
     if settings.map_dir:
         nics = [domain.with_map_dir(nic, settings.map_dir) for nic in nics]
     return domain.rewrite(domain_xml, nics)

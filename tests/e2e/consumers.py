@@ -17,7 +17,10 @@ loopback netdevsim on the TX queue whose frames its RX queue receives.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -259,6 +262,73 @@ def wait_for_sockets(qemu: Qemu, master: str, queues: list[int], timeout: float 
         assert time.monotonic() < deadline, f"QEMU's sockets never arrived:\n{qemu.output}"
         time.sleep(0.2)
 
+
+
+# --- a consumer's AF_XDP rings, read from outside ------------------------------------
+
+SOL_XDP, XDP_MMAP_OFFSETS = 283, 1
+SYS_PIDFD_GETFD = 438
+
+
+@dataclass(frozen=True)
+class RxRing:
+    """One AF_XDP socket's RX ring: how many frames the kernel put in (``produced``) and
+    how many its owner took out (``consumed``), and the queue the socket is bound to."""
+    queue: int
+    produced: int
+    consumed: int
+
+
+def _xdp_queues(pid: int) -> dict[int, int]:
+    """The queue each AF_XDP socket of ``pid`` is bound to, by socket inode (``ss --xdp``,
+    the kernel's XDP_DIAG, in the process's netns)."""
+    out = subprocess.run(["nsenter", f"--target={pid}", "--net", "ss", "--xdp", "-a", "-e",
+                          "-p", "-O"], capture_output=True, text=True, check=True).stdout
+    queues = {}
+    for line in out.splitlines():
+        m = re.search(r"\S+:q?(\d+)\s+\S+\s+.*\bino:(\d+)", line)
+        if m and f"pid={pid}," in line:
+            queues[int(m.group(2))] = int(m.group(1))
+    return queues
+
+
+def rx_rings(pid: int) -> list[RxRing]:
+    """Every AF_XDP socket of process ``pid``: its RX ring's producer and consumer, read
+    from the ring itself (the socket duplicated with pidfd_getfd, its RX ring mapped
+    read-only), sorted by queue. This is what the kernel handed the consumer per queue
+    and what the consumer read, without trusting the consumer's own output."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    queues = _xdp_queues(pid)
+    rings = []
+    pidfd = os.pidfd_open(pid)
+    try:
+        for entry in os.scandir(f"/proc/{pid}/fd"):
+            try:
+                link = str(Path(entry.path).readlink())
+            except OSError:
+                continue
+            ino = int(link[8:-1]) if link.startswith("socket:[") else -1
+            if ino not in queues:
+                continue
+            fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, int(entry.name), 0)
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), f"pidfd_getfd({pid}, {entry.name})")
+            try:
+                offsets = (ctypes.c_uint64 * 16)()
+                size = ctypes.c_uint32(ctypes.sizeof(offsets))
+                if libc.getsockopt(fd, SOL_XDP, XDP_MMAP_OFFSETS, offsets,
+                                   ctypes.byref(size)) != 0:
+                    raise OSError(ctypes.get_errno(), "XDP_MMAP_OFFSETS")
+                producer, consumer = offsets[0], offsets[1]  # rx: the first ring offset
+                with mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ) as ring:
+                    rings.append(RxRing(queues[ino],
+                                        int.from_bytes(ring[producer:producer + 4], "little"),
+                                        int.from_bytes(ring[consumer:consumer + 4], "little")))
+            finally:
+                os.close(fd)
+    finally:
+        os.close(pidfd)
+    return sorted(rings, key=lambda r: r.queue)
 
 # Register a UMEM of argv[1] bytes on a fresh AF_XDP socket (what QEMU's
 # xsk_umem__create does first): prints "ok" or the errno's name.

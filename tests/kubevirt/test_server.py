@@ -84,21 +84,31 @@ class Sidecar:
         self.leases.write_text(json.dumps(list(entries)))
 
 
-@pytest.fixture
-def sidecar() -> Iterator[Sidecar]:
+def serve_sidecar(**settings: Any) -> Iterator[Sidecar]:
     # Short: a unix socket path must fit sun_path (108 bytes).
     root = Path(tempfile.mkdtemp(prefix="kv-"))
     hooks_dir = str(root / "hooks")
     leases_file = root / "leases"
     leases_file.write_text("")
     settings = server.Settings(network_info=str(root / "network-info"),
-                               leases=str(leases_file), wait=1.0)
+                               leases=str(leases_file), wait=1.0, **settings)
     grpc_server, hooks = server.serve(settings, hooks_dir)
     try:
         yield Sidecar(hooks_dir, leases_file, hooks, Launcher(hooks_dir))
     finally:
         grpc_server.stop(grace=None).wait()
         shutil.rmtree(root)
+
+
+@pytest.fixture
+def sidecar() -> Iterator[Sidecar]:
+    yield from serve_sidecar()
+
+
+@pytest.fixture
+def mq_sidecar() -> Iterator[Sidecar]:
+    """A sidecar started with ``--qemu-multiqueue``."""
+    yield from serve_sidecar(qemu_multiqueue=True)
 
 
 def qemu_args(xml: bytes) -> list[str]:
@@ -131,7 +141,8 @@ def test_masquerade_primary_and_our_secondary_with_one_queue(sidecar: Sidecar,
 
 
 @pytest.mark.parametrize("version", ["v1alpha2", "v1alpha3"])
-def test_two_queues_by_the_hashed_pod_interface_name(sidecar: Sidecar, version: str) -> None:
+def test_two_queues_by_the_hashed_pod_interface_name(mq_sidecar: Sidecar, version: str) -> None:
+    sidecar = mq_sidecar
     pod_if = "pod115dc3606fb"  # KubeVirt's hashed name of network "fast"
     sidecar.annotate(shapes.lease_entry(pod_if, mac=MAC, queues=2))
     out = sidecar.launcher.on_define_domain(shapes.domain_xml(),
@@ -143,7 +154,8 @@ def test_two_queues_by_the_hashed_pod_interface_name(sidecar: Sidecar, version: 
 
 
 @pytest.mark.parametrize("version", ["v1alpha2", "v1alpha3"])
-def test_two_bound_interfaces(sidecar: Sidecar, version: str) -> None:
+def test_two_bound_interfaces(mq_sidecar: Sidecar, version: str) -> None:
+    sidecar = mq_sidecar
     sidecar.annotate(shapes.lease_entry("net1", mac=MAC),
                      shapes.lease_entry("net2", mac=MAC2, queues=2, network="netkit-fast2",
                                         first_master_queue=20))
@@ -157,6 +169,20 @@ def test_two_bound_interfaces(sidecar: Sidecar, version: str) -> None:
         "id=netkit-fast", "netdev=netkit-fast", "id=netkit-fast2", "netdev=netkit-fast2"]
     assert ",addr=0x18" in args[3] and ",addr=0x17,mq=on,vectors=6" in args[7]
     assert b"ua-fast\"" not in out
+
+
+def test_a_two_queue_lease_is_refused_without_qemu_multiqueue(sidecar: Sidecar) -> None:
+    """QEMU's af-xdp netdev reads only its last queue (test_qemu_consumer): by default a
+    lease of two queues is an error the VM owner sees, not a VM that loses half its frames."""
+    sidecar.annotate(shapes.lease_entry("net1", mac=MAC, queues=2))
+    with pytest.raises(grpc.RpcError) as err:
+        sidecar.launcher.on_define_domain(
+            shapes.domain_xml(), shapes.vmi_json({"fast": MAC}, pod_interfaces={"fast": "net1"}))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.details().startswith(
+        "cni-netkit: interface fast: its lease has 2 queues, but QEMU's af-xdp netdev reads "
+        "only the last of its queues")
+    assert "queuesPerAttachment: 1" in err.value.details()
 
 
 def test_a_vmi_without_our_binding_gets_its_domain_back_unchanged(sidecar: Sidecar) -> None:
