@@ -301,6 +301,35 @@ class Server:
         return None
 
 
+def _same_file(path: str, seen: str | None) -> bool:
+    """Whether ``path`` here is what the executable saw there (``seen``, its
+    ``client.path_id``: ``probe=dev:ino`` of the path or its nearest existing ancestor).
+
+    The executable and the agent look at different moments: a directory the
+    executable saw missing may exist by the time the agent looks (a concurrent
+    host-local creates ``/var/lib/cni/networks/<net>`` on its first ADD). So the
+    agent checks the executable's probe itself, and below it only that what
+    exists here now lies on the probe's filesystem (no mount of the agent's own
+    there), rather than asking for the same nearest ancestor.
+    """
+    probe, sep, their_id = (seen or "").rpartition("=")
+    if not sep or client.ns_id(probe) != their_id:
+        return False
+    if probe == path:
+        return True
+    if not path.startswith(probe.rstrip("/") + "/"):
+        return False
+    dev = their_id.split(":", 1)[0]
+    below = path[len(probe.rstrip("/")) + 1:].split("/")
+    for n in range(1, len(below) + 1):
+        here = client.ns_id(probe.rstrip("/") + "/" + "/".join(below[:n]))
+        if here == "-":
+            return True  # the rest is missing here too
+        if here.split(":", 1)[0] != dev:
+            return False
+    return True
+
+
 def _other_view(
     conn: socket.socket, environ: Mapping[str, str], stdin: bytes, bin_dirs: Sequence[str] = ()
 ) -> str | dict[str, str] | None:
@@ -330,9 +359,10 @@ def _other_view(
                                                           enumerate(asked))))
     theirs = client.parse_env_block(_recv_block(conn, client.MAX_META))
     for i, path in enumerate(paths):
-        ours, seen = client.path_id(path), theirs.get(str(i))
-        if seen != ours:
-            return f"{path} is not the same here ({ours}) as for the executable ({seen})"
+        seen = theirs.get(str(i))
+        if not _same_file(path, seen):
+            return (f"{path} is not the same here ({client.path_id(path)}) as for the "
+                    f"executable ({seen})")
     if not search:
         return None
     translated = []

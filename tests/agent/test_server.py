@@ -237,6 +237,38 @@ def test_a_path_the_agent_sees_as_other_files_is_refused(
     assert verdict.startswith(f"N:{state} is not the same here")
 
 
+def test_a_directory_created_between_the_two_looks_is_the_same_file(
+    agent: server.Server, tmp_path: Path
+) -> None:
+    """The executable saw the state dir missing (its answer names the parent); by the time
+    the agent looks, a concurrent ADD has created it: still the same file, served warm.
+    Before, the two nearest ancestors differed and the request was refused (run cold)."""
+    state = tmp_path / "state"
+    missing = client.path_id(str(state))
+    assert missing == f"{tmp_path}={client.ns_id(str(tmp_path))}"
+    state.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(agent.path))
+        s.sendall(client.request(env_for(1), conf(stateDir=str(state))))
+        assert _answer_view(s, lie={str(state): missing}) == "R"
+
+
+def test_a_mount_of_the_agents_own_below_the_executables_probe_is_refused(
+    tmp_path: Path
+) -> None:
+    """What exists here below the executable's probe must be on the probe's filesystem."""
+    probe = f"{tmp_path}={client.ns_id(str(tmp_path))}"
+    dev, ino = client.ns_id(str(tmp_path)).split(":")
+    assert server._same_file(str(tmp_path / "a" / "b"), probe)  # missing here too
+    (tmp_path / "a").mkdir()
+    assert server._same_file(str(tmp_path / "a" / "b"), probe)  # created since
+    assert not server._same_file(str(tmp_path / "a"), f"{tmp_path}={int(dev) + 1}:{ino}")
+    assert not server._same_file(str(tmp_path / "a"), None)
+    assert not server._same_file("/elsewhere/a", probe)
+    # /proc is another filesystem than the probe's: a mount of the agent's own.
+    assert not server._same_file("/proc/self", f"/={client.ns_id('/')}")
+
+
 def test_view_paths_are_what_the_request_makes_the_plugin_touch() -> None:
     env = env_for(1, CNI_PATH="/opt/cni/bin:/usr/lib/cni")
     host_local = conf(
