@@ -437,6 +437,7 @@ def check(att: Attachment) -> None:
     if delivered and xsk.map_id(Path(delivered)) != map_id:
         raise CheckFailed("the pod's volume does not hold its XSK map any more",
                           f"{delivered} is not map id {map_id}")
+    _check_lease_file(att)
     prog = xsk.program(att.master)
     if not prog.attached:
         raise CheckFailed(f"master {att.master} has no cni-netkit XDP program attached",
@@ -445,6 +446,21 @@ def check(att: Attachment) -> None:
     problems = wiring_problems(att.queues, map_id, wired)
     if problems:
         raise CheckFailed(f"XSK map {path} is not wired as ADD left it", "; ".join(problems))
+
+
+def _check_lease_file(att: Attachment) -> None:
+    """Raise CheckFailed unless the pod's lease file (when ADD wrote one) is this
+    attachment's, as ADD wrote it."""
+    lease = att.extra.get(LEASE_FILE)
+    if not lease:
+        return
+    doc = leasefile.read(Path(lease))
+    if doc is None or doc.get("owner") != leasefile.document(att)["owner"]:
+        raise CheckFailed("the pod's volume does not hold its lease file any more",
+                          f"{lease} is missing or another attachment's")
+    if doc.get("lease") != leasefile.lease_entry(att):
+        raise CheckFailed(f"the pod's lease file {lease} differs from the attachment",
+                          "its lease entry was changed after ADD")
 
 
 def status(cfg: NetConf) -> None:

@@ -75,10 +75,7 @@ def file_name(ifname: str) -> str:
 
 def document(att: Attachment) -> dict[str, Any]:
     """The lease file's content (see the module docstring)."""
-    return {"format": FORMAT,
-            "owner": {"network": att.network, "containerId": att.container_id,
-                      "ifname": att.ifname},
-            "lease": lease_entry(att)}
+    return {"format": FORMAT, "owner": _owner(att.owner), "lease": lease_entry(att)}
 
 
 def make_dir(directory: Path, name: str) -> bool:
@@ -173,9 +170,7 @@ def remove(path: Path, owner: Owner) -> bool:
     """Remove the lease file at ``path`` if ``owner`` wrote it; False when missing or
     someone else's (a later sandbox of the same pod rewrote it)."""
     doc = read(path)
-    if doc is None or doc.get("owner") != {"network": owner.network,
-                                           "containerId": owner.container_id,
-                                           "ifname": owner.ifname}:
+    if doc is None or doc.get("owner") != _owner(owner):
         return False
     with contextlib.suppress(FileNotFoundError):
         dfd = _open_dir(path.parent)
@@ -185,6 +180,10 @@ def remove(path: Path, owner: Owner) -> bool:
             os.close(dfd)
         return True
     return False
+
+
+def _owner(owner: Owner) -> dict[str, str]:
+    return {"network": owner.network, "containerId": owner.container_id, "ifname": owner.ifname}
 
 
 def _open_dir(directory: Path) -> int:

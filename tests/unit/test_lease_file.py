@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from cni_netkit.config import parse_invocation
-from cni_netkit.errors import InvalidConfig, IOFailure
+from cni_netkit.errors import CheckFailed, InvalidConfig, IOFailure
 from cni_netkit.kernel import bpffs as bpffs_module
 from cni_netkit.kernel import xsk
 from cni_netkit.plugin import afxdp, commands, leasefile
@@ -269,3 +269,22 @@ def test_a_lease_file_of_another_format_or_a_link_reads_as_none(tmp_path: Path) 
         None] * 4
     assert not leasefile.remove(tmp_path / "a.json", OWNER)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "c.json"]
+
+
+def test_check_finds_a_lease_file_gone_or_changed(
+    pod_bpffs: PodBpffs, kernel: FakeKernel, tmp_path: Path
+) -> None:
+    sub = volume(tmp_path) / "hook-sidecar-0"
+    commands.add(kubevirt(tmp_path), kernel)
+    att = StateStore(tmp_path / "state").load(OWNER)
+    assert att is not None
+    lease = sub / "cni-netkit-net1.json"
+    afxdp._check_lease_file(att)
+    doc = json.loads(lease.read_text())
+    doc["lease"]["qemuNetdev"] = "ifname=net1,map-path=/elsewhere"
+    lease.write_text(json.dumps(doc))
+    with pytest.raises(CheckFailed, match="differs from the attachment"):
+        afxdp._check_lease_file(att)
+    lease.unlink()
+    with pytest.raises(CheckFailed, match="does not hold its lease file any more"):
+        afxdp._check_lease_file(att)
