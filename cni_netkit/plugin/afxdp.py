@@ -185,12 +185,20 @@ def wire(cfg: NetConf, att: Attachment, undo: ExitStack, kernel: KernelAPI,
          master_ifindex: int) -> Attachment:
     """Create, pin and wire the attachment's XSK map; the attachment with it recorded.
 
-    Pushes its undos onto ``undo``. Nothing happens for pair mode or on a
-    master the agent has not set up. Records the mode the consumer's sockets
-    will get (the master's AF_XDP capability, from netdev ``dev-get``).
+    Pushes its undos onto ``undo``. Nothing happens for pair mode. On a master
+    the agent has not set up there is no map; with ``xskMapVolume`` the pod
+    still gets its lease file, saying why AF_XDP is unavailable (a KubeVirt
+    sidecar then fails at once with that reason rather than wait for a lease).
+    Records the mode the consumer's sockets will get (the master's AF_XDP
+    capability, from netdev ``dev-get``).
     """
-    if att.pairing != "single" or not att.queues or not _steering(att.master):
+    if att.pairing != "single" or not att.queues:
         return att
+    if not _steering(att.master):
+        if cfg.xsk_map_volume is None:
+            return att
+        where, _ = _pod_dir(cfg, att.extra.get(POD_UID), undo)
+        return _write_lease(where, att, undo)
     from cni_netkit.kernel import xsk  # noqa: PLC0415 - see the module docstring
 
     highest = max(q.netkit_queue for q in att.queues)
@@ -215,47 +223,57 @@ def wire(cfg: NetConf, att: Attachment, undo: ExitStack, kernel: KernelAPI,
              MAP_ID: xsk_map.map_id, XSK_MODE: mode}
     if cfg.xsk_map_volume is None:
         return replace(att, extra=extra)
-    extra |= _deliver(cfg, path, att.extra.get(POD_UID), undo)
-    att = replace(att, extra=extra)
-    lease = Path(extra[VOLUME_PIN]).parent.parent / leasefile.file_name(att.ifname)
-    try:
-        leasefile.write(lease.parent, att)
-    except OSError as e:  # a directory planted at its name, a full volume, ...
-        raise IOFailure(f"cannot write the lease file {lease}", e.strerror or str(e)) from e
-    undo.callback(_quietly, "remove the pod's lease file", leasefile.remove, lease, att.owner)
-    log.info("wrote the pod's lease file", path=str(lease))
-    return replace(att, extra={**extra, LEASE_FILE: str(lease)})
+    where, seen = _pod_dir(cfg, att.extra.get(POD_UID), undo)
+    extra |= _deliver(cfg, where, seen, path, undo)
+    return _write_lease(where, replace(att, extra=extra), undo)
 
 
-def _deliver(cfg: NetConf, pin: Path, pod_uid: str | None, undo: ExitStack) -> dict[str, str]:
-    """Pin the map a second time on a bpffs instance of the pod's own, mounted on its
-    emptyDir ``xskMapVolume``: the record's keys for it (the pin, the path the pod sees).
+def _pod_dir(cfg: NetConf, pod_uid: str | None, undo: ExitStack) -> tuple[Path, str]:
+    """The directory of the pod's emptyDir ``xskMapVolume`` that gets the pod's bpffs and
+    lease file (its ``xskMapSubdir``, made if missing), on the node and as the pod sees it.
 
-    The kubelet sets a pod's volumes up before the sandbox's CNI ADD, and the
-    containers are made after it, so each bind-mounts the volume with our
-    mount on it. That instance holds this pod's pins only: nothing in the pod
-    names the node's bpffs, the master's maps or another pod's map.
+    The kubelet sets a pod's volumes up before the sandbox's CNI ADD, and
+    makes a subPath directory when it starts that container, after it; it
+    takes one that exists as it is.
     """
-    from cni_netkit.kernel import xsk  # noqa: PLC0415 - see the module docstring
-
     volume = str(cfg.xsk_map_volume)
     where = volume_dir(cfg.kubelet_root, pod_uid, volume)
     seen = cfg.xsk_map_mount_path
     try:
-        if cfg.xsk_map_subdir is not None:
-            # The kubelet makes a subPath directory when it starts that container,
-            # after the sandbox's ADD; it takes one that exists as it is.
-            if leasefile.make_dir(where, cfg.xsk_map_subdir):
-                undo.callback(_quietly, "remove the volume's directory",
-                              leasefile.remove_dir_if_empty, where / cfg.xsk_map_subdir)
-            where, seen = where / cfg.xsk_map_subdir, f"{seen}/{cfg.xsk_map_subdir}"
-        mounted = bpffs.mount_instance(where, POD_BPFFS)
+        if cfg.xsk_map_subdir is None:
+            if not where.is_dir():
+                raise FileNotFoundError(where)
+            return where, seen
+        if leasefile.make_dir(where, cfg.xsk_map_subdir):
+            undo.callback(_quietly, "remove the volume's directory",
+                          leasefile.remove_dir_if_empty, where / cfg.xsk_map_subdir)
     except FileNotFoundError as e:
         raise InvalidConfig(
             f"the pod has no emptyDir volume {volume!r} for its XSK map",
             f"{where} is missing: declare volumes: [{{name: {volume}, emptyDir: {{}}}}] in the "
             f"pod spec and mount it at {cfg.xsk_map_mount_path} (xskMapVolume, "
             "xskMapMountPath; docs/af_xdp.md)") from e
+    except OSError as e:  # a link or file planted at the directory's name, ...
+        raise IOFailure(f"cannot make {where}/{cfg.xsk_map_subdir} for the XSK map",
+                        e.strerror or str(e)) from e
+    return where / cfg.xsk_map_subdir, f"{seen}/{cfg.xsk_map_subdir}"
+
+
+def _deliver(cfg: NetConf, where: Path, seen: str, pin: Path, undo: ExitStack
+             ) -> dict[str, str]:
+    """Pin the map a second time on a bpffs instance of the pod's own, mounted on
+    ``where`` (``_pod_dir``; ``seen`` in the pod): the record's keys for it (the pin, the
+    path the pod sees).
+
+    The containers are made after the sandbox's ADD, so each bind-mounts the
+    volume with our mount on it. That instance holds this pod's pins only:
+    nothing in the pod names the node's bpffs, the master's maps or another
+    pod's map.
+    """
+    from cni_netkit.kernel import xsk  # noqa: PLC0415 - see the module docstring
+
+    try:
+        mounted = bpffs.mount_instance(where, POD_BPFFS)
     except OSError as e:  # a link or file planted at our directory, no CAP_SYS_ADMIN, ...
         raise IOFailure(f"cannot mount a bpffs for the XSK map on {where}/{POD_BPFFS}",
                         e.strerror or str(e)) from e
@@ -267,6 +285,18 @@ def _deliver(cfg: NetConf, pin: Path, pod_uid: str | None, undo: ExitStack) -> d
     undo.callback(_quietly, "unpin the pod's XSK map", at.unlink, True)
     log.info("delivered XSK map into the pod", volume=str(where), map_path=str(at))
     return {VOLUME_PIN: str(at), POD_MAP_PATH: f"{seen}/{POD_BPFFS}/{pin.name}"}
+
+
+def _write_lease(where: Path, att: Attachment, undo: ExitStack) -> Attachment:
+    """Write the attachment's lease file into ``where``; the attachment with it recorded."""
+    lease = where / leasefile.file_name(att.ifname)
+    try:
+        leasefile.write(where, att)
+    except OSError as e:  # a directory planted at its name, a full volume, ...
+        raise IOFailure(f"cannot write the lease file {lease}", e.strerror or str(e)) from e
+    undo.callback(_quietly, "remove the pod's lease file", leasefile.remove, lease, att.owner)
+    log.info("wrote the pod's lease file", path=str(lease))
+    return replace(att, extra={**att.extra, LEASE_FILE: str(lease)})
 
 
 def _undeliver(cfg: NetConf, at: Path, owner: Owner) -> None:

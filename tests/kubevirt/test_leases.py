@@ -210,3 +210,19 @@ def test_a_lease_file_that_appears_late_is_waited_for_and_a_missing_one_named(
                                leases=None, leases_dir=str(tmp_path), timeout=0)
     assert f"lease files {tmp_path}/cni-netkit-*.json have ['net1']" in str(err.value)
     assert "xskMapSubdir" in str(err.value)
+
+
+def test_a_lease_file_without_afxdp_fails_at_once_with_the_plugins_reason(
+        tmp_path: Path) -> None:
+    entry = shapes.lease_entry("net1", mac=MAC)
+    for key in ("qemuNetdev", "mapPath", "mapStartIndex", "xskMode"):
+        del entry[key]
+    entry["afxdpUnavailable"] = "master ens1f0np0 has no cni-netkit XDP program"
+    (tmp_path / "cni-netkit-net1.json").write_text(json.dumps(
+        {"format": leases.LEASE_FILE_FORMAT, "owner": {}, "lease": entry}))
+    clock = Clock()
+    with pytest.raises(LeaseError, match="cannot carry AF_XDP: master ens1f0np0 has no"):
+        leases.wait_for_leases([Interface("fast", MAC, "net1")], network_info=None,
+                               leases=None, leases_dir=str(tmp_path), timeout=30,
+                               clock=clock, sleep=clock.sleep)
+    assert clock.now == 0

@@ -201,7 +201,7 @@ def test_a_link_planted_at_the_subdir_is_refused_not_followed(
     elsewhere = tmp_path / "node-dir"
     elsewhere.mkdir()
     (vol / "hook-sidecar-0").symlink_to(elsewhere)
-    with pytest.raises(IOFailure, match="cannot mount a bpffs"):
+    with pytest.raises(IOFailure, match=r"cannot make .*/hook-sidecar-0 for the XSK map"):
         commands.add(kubevirt(tmp_path), kernel)
     assert list(elsewhere.iterdir()) == [] and kernel.leased_master_queues() == {}
 
@@ -288,3 +288,27 @@ def test_check_finds_a_lease_file_gone_or_changed(
     lease.unlink()
     with pytest.raises(CheckFailed, match="does not hold its lease file any more"):
         afxdp._check_lease_file(att)
+
+
+def test_a_master_without_steering_still_tells_the_pod_why_through_the_lease_file(
+    pod_bpffs: PodBpffs, kernel: FakeKernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No map to deliver, but the sidecar must not wait 40 s for a lease that exists.
+    monkeypatch.setattr(afxdp, "_steering", lambda master: False)
+    sub = volume(tmp_path) / "hook-sidecar-0"
+    commands.add(kubevirt(tmp_path), kernel)
+    assert [p.name for p in sub.iterdir()] == ["cni-netkit-net1.json"]  # no bpffs
+    lease = json.loads((sub / "cni-netkit-net1.json").read_text())["lease"]
+    assert "qemuNetdev" not in lease
+    assert lease["afxdpUnavailable"].startswith("master eth0 has no cni-netkit XDP program")
+    commands.delete(kubevirt(tmp_path, command="DEL"), kernel)
+    assert list(sub.parent.iterdir()) == []
+
+
+def test_a_master_without_steering_refuses_a_pod_without_the_volume(
+    pod_bpffs: PodBpffs, kernel: FakeKernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(afxdp, "_steering", lambda master: False)
+    with pytest.raises(InvalidConfig, match="no emptyDir volume 'hook-sidecar-sockets'"):
+        commands.add(kubevirt(tmp_path), kernel)
+    assert kernel.leased_master_queues() == {}
