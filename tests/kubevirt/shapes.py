@@ -105,7 +105,7 @@ def vmi_json(*args: Any, **kwargs: Any) -> bytes:
 
 def lease_entry(interface: str, *, mac: str, queues: int = 1, network: str = "netkit-fast",
                 first_master_queue: int = 12) -> dict[str, Any]:
-    """One ``netkit.cni.dev/leases`` entry as the agent writes it (agent.publish.lease_entry)."""
+    """One ``netkit.cni.dev/leases`` entry as the agent writes it (plugin.leasefile.lease_entry)."""
     ids = list(range(1, queues + 1))
     pod_dir = "/sys/fs/bpf/cni-netkit/pods/default/virt-launcher-vm-afxdp-x7k2p"
     map_path = f"{pod_dir}/{network}:c1:{interface}"
