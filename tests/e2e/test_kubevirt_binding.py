@@ -1,28 +1,35 @@
-"""The KubeVirt path end to end in the VM, minus KubeVirt: ADD -> device-info -> the
-sidecar's domain -> libvirt's QEMU command line -> QEMU receives the leased queue's frames.
+"""The KubeVirt path end to end in the VM, minus KubeVirt: ADD -> the lease file in the
+launcher pod's hooks volume -> the sidecar's domain -> libvirt's QEMU command line ->
+QEMU receives the leased queue's frames through the map in that volume.
 
-The ADD runs through the executable with the VMI's MAC and a CNIDeviceInfoFile,
-as Multus would call it for a virt-launcher pod; the network-info document
-is the one KubeVirt would mount if it kept our device-info's ``netkit`` key
-(docs/kubevirt.md); the sidecar's OnDefineDomain decision
-(``server.define_domain``) rewrites a virt-launcher-shaped domain; libvirt
-(the host's 9.0, embedded driver) turns it into QEMU's command line; and the
-``-netdev af-xdp`` argument libvirt wrote is what QEMU (the af-xdp build,
-unprivileged as uid 107 with CAP_NET_RAW only) runs with. That QEMU has no
-q35 or virtio-net-pci, so libvirt's ``-device`` is left out and the netdev
-is hubbed to the test's socket (tests/e2e/consumers.py).
+The ADD runs through the executable with the VMI's MAC and the NAD of
+docs/kubevirt.md (``xskMapVolume: hook-sidecar-sockets``, ``xskMapSubdir:
+hook-sidecar-0``, ``xskMapMountPath: /var/run/kubevirt-hooks``), as Multus
+would call it for a virt-launcher pod whose emptyDir the kubelet laid out
+under a kubelet root of the test's own; no device-info, no annotation: the
+plugin's lease file in ``hook-sidecar-0/`` (what KubeVirt mounts into hook
+sidecar 0) is all the sidecar's OnDefineDomain decision
+(``server.define_domain``) reads to rewrite a virt-launcher-shaped domain;
+libvirt (the host's 9.0, embedded driver) turns it into QEMU's command line;
+and the ``-netdev af-xdp`` argument libvirt wrote is what QEMU (the af-xdp
+build, unprivileged as uid 107 with CAP_NET_RAW only) runs with, in a mount
+namespace that has the node's bpffs unmounted and the whole volume at
+``/var/run/kubevirt-hooks``, as the compute container mounts it. That QEMU
+has no q35 or virtio-net-pci, so libvirt's ``-device`` is left out and the
+netdev is hubbed to the test's socket (tests/e2e/consumers.py).
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cni_netkit.config import DEVICE_INFO_DIRS_ENV
 from cni_netkit.kernel import xsk
 from cni_netkit.kubevirt import server
 from tests.e2e.conftest import Nic, Runtime, cni_plugins_dir, leased_queues, netkit_links
@@ -30,6 +37,7 @@ from tests.e2e.consumers import (
     QEMU_UMEM,
     WORKLOAD_OWNER,
     loopback,
+    pod_view,
     send_on_rx_queue,
     start_qemu,
     tag,
@@ -44,39 +52,76 @@ pytestmark = pytest.mark.kernel
 
 MAC = "02:00:00:00:00:20"
 POD = "virt-launcher-vm-afxdp-x7k2p"
+UID = "5f4b6a8e-8d2e-4a0c-9c57-0d1c2b3a4f5e"
 FRAMES = 50
+HOOKS = "/var/run/kubevirt-hooks"  # the hooks volume in the compute container (and sidecar)
+
+
+def mounts_below(d: Path) -> list[str]:
+    """Mount points below ``d`` (read back from /proc/self/mountinfo)."""
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4].startswith(f"{d}/")]
+
+
+@pytest.fixture
+def kubelet(tmp_path: Path) -> Iterator[Path]:
+    """A kubelet root of the test's own; a mount left below it by a failure is detached."""
+    d = tmp_path / "kubelet"
+    d.mkdir()
+    yield d
+    for point in reversed(mounts_below(d)):
+        subprocess.run(["umount", "-l", point], check=False)
+
+
+def hooks_volume(kubelet: Path) -> Path:
+    """The launcher pod's hooks emptyDir as the kubelet makes it before the sandbox's ADD
+    (0777); hook-sidecar-0/ does not exist yet (made when the sidecar starts)."""
+    volume = kubelet / "pods" / UID / "volumes/kubernetes.io~empty-dir/hook-sidecar-sockets"
+    volume.mkdir(parents=True)
+    volume.chmod(0o777)
+    return volume
+
+
+def read_lease_file(sidecar_dir: Path) -> dict[str, Any]:
+    """The lease the plugin left for sidecar 0, beside the pod's bpffs: root's, 0644."""
+    assert sorted(p.name for p in sidecar_dir.iterdir()) == ["cni-netkit", "cni-netkit-net1.json"]
+    st = (sidecar_dir / "cni-netkit-net1.json").stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o644)
+    lease: dict[str, Any] = json.loads((sidecar_dir / "cni-netkit-net1.json").read_text())["lease"]
+    return lease
 
 
 def test_the_sidecars_domain_through_libvirt_gives_qemu_the_leased_queue(
-    nic: Nic, root: Path, make_netns: Any, tmp_path: Path
+    nic: Nic, root: Path, make_netns: Any, tmp_path: Path, kubelet: Path
 ) -> None:
     # Cold invocations only (the plugin in the executable, the invocation's
     # CNI_NETKIT_MASTERS): no session agent to wait for.
     runtime = Runtime(state_dir=tmp_path / "state", cni_path=cni_plugins_dir() or "")
     xsk.ensure_program(nic.name, bpf_object(), root=root)
     loopback(nic)
-    info_dir = tmp_path / "device-info"
-    info_dir.mkdir()
-    device_info = info_dir / "fast.json"
+    volume = hooks_volume(kubelet)
     conf = runtime.conf(nic.name, queues="1-4", queuesPerAttachment=1,
-                        xskMapOwner=WORKLOAD_OWNER,
-                        runtimeConfig={"mac": MAC, "CNIDeviceInfoFile": str(device_info)})
-    env = {"CNI_ARGS": f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={POD};K8S_POD_UID=uid-1",
+                        xskMapOwner=WORKLOAD_OWNER, xskMapVolume="hook-sidecar-sockets",
+                        xskMapSubdir="hook-sidecar-0", xskMapMountPath=HOOKS,
+                        kubeletRoot=str(kubelet), runtimeConfig={"mac": MAC})
+    env = {"CNI_ARGS": f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={POD};K8S_POD_UID={UID}",
            xsk.ROOT_ENV: str(xsk.bpf_root()), "CNI_NETKIT_MASTERS": f"{nic.name}=1-4",
-           DEVICE_INFO_DIRS_ENV: str(info_dir)}
+           "CNI_NETKIT_KUBELET_ROOTS": str(kubelet)}
     netns = make_netns()
     out = runtime("ADD", conf, container_id="c-vm", netns=netns, env=env)
     assert out.code == 0, out.stdout + out.stderr
     result = out.json
     leased = [q["masterQueue"] for q in result["netkit"]["queues"]]
+    sidecar_dir = volume / "hook-sidecar-0"  # sidecar 0's /var/run/kubevirt-hooks
     try:
-        network_info = tmp_path / "network-info"
-        network_info.write_text(json.dumps({"interfaces": [
-            {"network": "fast", "deviceInfo": json.loads(device_info.read_text())}]}))
+        assert read_lease_file(sidecar_dir)["qemuNetdev"] == result["netkit"]["qemuNetdev"]
+        assert result["netkit"]["mapPath"] == f"{HOOKS}/hook-sidecar-0/cni-netkit/afxdp:c-vm:net1"
+        # The sidecar reads nothing else: no network-info, no annotation, no --map-dir.
         domain_xml = server.define_domain(
             shapes.domain_xml(machine="q35", virt_type="qemu", primary=False),
             shapes.vmi_json({"fast": MAC}),
-            server.Settings(network_info=str(network_info), leases=None, wait=5))
+            server.Settings(network_info=None, leases=None, leases_dir=str(sidecar_dir),
+                            wait=5))
         argv = qemu_argv(domain_xml)
         prefix = "-netdev af-xdp,id=netkit-fast,"
         (netdev,) = [a for a in argv if a.startswith("-netdev af-xdp,")]
@@ -84,7 +129,9 @@ def test_the_sidecars_domain_through_libvirt_gives_qemu_the_leased_queue(
         assert any(a.startswith(f"-device virtio-net-pci,netdev=netkit-fast,id=netkit-fast-nic,"
                                 f"mac={MAC},bus=pcie.0,addr=0x18") for a in argv), argv
 
-        qemu = start_qemu(netns, netdev.removeprefix(prefix), memlock=QEMU_UMEM)
+        # QEMU opens the map through the volume only, as the compute container sees it.
+        qemu = start_qemu(netns, netdev.removeprefix(prefix), memlock=QEMU_UMEM,
+                          view=pod_view(volume, HOOKS))
         try:
             wait_for_sockets(qemu, nic.name, leased)
             sent: collections.Counter[bytes] = collections.Counter()
@@ -104,8 +151,8 @@ def test_the_sidecars_domain_through_libvirt_gives_qemu_the_leased_queue(
         done = runtime("DEL", {**conf, "prevResult": result}, container_id="c-vm",
                        netns=netns, env=env)
         assert (done.code, done.stdout) == (0, ""), done.stderr
-    assert not Path(result["netkit"]["mapPath"]).exists()
-    assert not device_info.exists()
+    assert mounts_below(kubelet) == [] and list(volume.iterdir()) == []
+    assert not (root / "pods").exists()
     assert netkit_links(netns) == []
     assert leased_queues(nic) == {}
     assert xsk.wiring(nic.name) == {}
