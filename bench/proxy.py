@@ -140,41 +140,56 @@ class Receiver:
         self.umem.close()
 
 
+def live_sample(prog: int, ifindex: int, rx: Receiver, *, batch: int, side: str) -> float:
+    """One live-frames run of ``batch`` frames into ``rx``, all counted there: ns/frame."""
+    from cni_netkit.kernel import bpf  # noqa: PLC0415
+
+    _, mean = bpf.xdp_test_run_timed(prog, FRAME, ifindex=ifindex, rx_queue=QUEUE,
+                                     repeat=batch, live=True)
+    arrived = rx.drain()
+    if arrived != batch:
+        raise FramesLost(f"{side}: {arrived} of {batch} live frames reached the RX ring; "
+                         f"socket stats {rx.stats()}")
+    return float(mean)
+
+
 def live_block(prog: int, ifindex: int, rx: Receiver, samples: int, *, batch: int,
                side: str) -> list[float]:
     """One warm-up and ``samples`` live-frame runs of ``batch`` frames into ``rx``: ns/frame."""
-    from cni_netkit.kernel import bpf  # noqa: PLC0415
-
-    got: list[float] = []
-    for i in range(samples + 1):
-        _, mean = bpf.xdp_test_run_timed(prog, FRAME, ifindex=ifindex, rx_queue=QUEUE,
-                                         repeat=batch, live=True)
-        arrived = rx.drain()
-        if arrived != batch:
-            raise FramesLost(f"{side}: {arrived} of {batch} live frames reached the RX ring "
-                             f"(sample {i}); socket stats {rx.stats()}")
-        if i:
-            got.append(float(mean))
-    return got
+    got = [live_sample(prog, ifindex, rx, batch=batch, side=side) for _ in range(samples + 1)]
+    return got[1:]
 
 
 class Setup:
     """The VM's NIC, program, pod netns and plugin config the two sides share."""
 
-    def __init__(self, dev_id: int, queues: int = 4) -> None:
+    def __init__(self, dev_id: int, queues: int = 4, *, parent: Setup | None = None) -> None:
+        """``parent``: another master on the same node (its bpffs root and state dir)."""
         from cni_netkit.kernel import xsk  # noqa: PLC0415
 
         self.dev_id = dev_id
+        self.parent = parent
         self.master, self.ifindex = make_nic(dev_id, queues)
-        self.work = Path(tempfile.mkdtemp(prefix="bench-proxy-", dir="/run"))
-        self.root = Path(tempfile.mkdtemp(prefix="bench-proxy-", dir="/sys/fs/bpf"))
+        if parent is None:
+            self.work = Path(tempfile.mkdtemp(prefix="bench-proxy-", dir="/run"))
+            self.root = Path(tempfile.mkdtemp(prefix="bench-proxy-", dir="/sys/fs/bpf"))
+        else:
+            self.work, self.root = parent.work, parent.root
         os.environ[xsk.ROOT_ENV] = str(self.root)
         # Closed by default: the admin declares the queue the pod may lease.
-        os.environ["CNI_NETKIT_MASTERS"] = f"{self.master}={QUEUE}"
+        declared = f"{self.master}={QUEUE}"
+        os.environ["CNI_NETKIT_MASTERS"] = (
+            declared if parent is None else f"{parent.env['CNI_NETKIT_MASTERS']};{declared}")
+        if parent is not None:
+            parent.env["CNI_NETKIT_MASTERS"] = os.environ["CNI_NETKIT_MASTERS"]
         os.environ["CNI_NETKIT_STATE_DIRS"] = str(self.work / "state")
         self.pod = f"benchproxy{dev_id}"
         subprocess.run(["ip", "netns", "add", self.pod], check=True)  # noqa: S607
-        self.env = {
+        # No IPv6 on the pod's netkit: its DAD and router-solicitation timers would fire
+        # in the leased side's samples only (a pod's background, not a per-frame cost).
+        subprocess.run(["ip", "netns", "exec", self.pod, "sysctl", "-qw",  # noqa: S607
+                        "net.ipv6.conf.default.disable_ipv6=1"], check=True)
+        self.env: dict[str, str] = {
             "CNI_COMMAND": "ADD", "CNI_NETNS": f"/run/netns/{self.pod}",
             "CNI_IFNAME": "net1", "CNI_PATH": "/nonexistent", "PATH": os.environ["PATH"],
             "CNI_ARGS": "K8S_POD_NAMESPACE=bench;K8S_POD_NAME=proxy",
@@ -197,20 +212,22 @@ class Setup:
             links = kernel.links(netns=env["CNI_NETNS"]) if command == "ADD" else []
         return result, links
 
-    def wait_queue_free(self, timeout: float = 10.0) -> None:
-        """Until the master's queue 0 is neither leased nor bound: a closed AF_XDP socket
-        leaves its queue from deferred work (``xp_release_deferred``), not at close."""
+    def wait_queue_free(self, *, unbound_only: bool = False, timeout: float = 10.0) -> None:
+        """Until the master's queue 0 is neither leased nor bound (``unbound_only``: not
+        bound by AF_XDP, a lease may stay). A closed AF_XDP socket leaves its queue from
+        deferred work (``xp_release_deferred``), not at close."""
         from cni_netkit.kernel import Kernel  # noqa: PLC0415
 
         deadline = time.monotonic() + timeout
         with Kernel() as kernel:
             while True:
                 (q,) = [q for q in kernel.queues(self.ifindex) if q.type == "rx" and q.id == QUEUE]
-                if not q.in_use:
+                if not (q.xsk if unbound_only else q.in_use):
                     return
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"queue {QUEUE} of {self.master} still in use after "
-                                       f"{timeout} s: {q}")
+                    raise RuntimeError(f"queue {QUEUE} of {self.master} (netdevsim{self.dev_id}) "
+                                       f"still in use {timeout} s after its socket was closed: "
+                                       f"{q}")
                 time.sleep(0.01)
 
     def add(self, cid: str) -> dict[str, Any]:
@@ -262,16 +279,20 @@ class Setup:
         subprocess.run(["ip", "netns", "del", self.pod], check=False)  # noqa: S607
         with contextlib.suppress(Exception):
             xsk.remove_program(self.master, root=self.root)
-        subprocess.run(["rm", "-rf", str(self.root), str(self.work)], check=False)  # noqa: S607
+        if self.parent is None:  # a child closes first, its parent's directories last
+            subprocess.run(["rm", "-rf", str(self.root), str(self.work)],  # noqa: S607
+                           check=False)
         Path("/sys/bus/netdevsim/del_device").write_text(str(self.dev_id))
 
 
 def interleaved(rounds: int, per_block: int,
                 sides: dict[str, Callable[[int], list[float]]]) -> dict[str, list[float]]:
-    """``rounds`` x (each side's block of ``per_block`` samples), in order."""
+    """``rounds`` x (each side's block of ``per_block`` samples); the sides' order is
+    reversed every other round (A B, B A, ...), so neither always follows the other."""
     got: dict[str, list[float]] = {k: [] for k in sides}
     for rnd in range(rounds):
-        for name, block in sides.items():
+        order = list(sides.items())
+        for name, block in order[::-1] if rnd % 2 else order:
             values = block(rnd)
             if len(values) != per_block:
                 raise RuntimeError(f"{name}: {len(values)} samples, expected {per_block}")
@@ -306,6 +327,9 @@ def measure(samples: int, batch: int, rounds: int, dev_id: int = 41) -> dict[str
                     stats["leased"] = rx.stats()
                 finally:
                     rx.close()
+                # The pod's socket off the queue before its netkit goes, as a pod's DEL
+                # finds it (the workload has exited).
+                s.wait_queue_free(unbound_only=True)
                 s.delete(cid)
                 return got
 
@@ -331,7 +355,8 @@ def measure(samples: int, batch: int, rounds: int, dev_id: int = 41) -> dict[str
         "master": {"driver": "netdevsim", "xdp_mode": change.program.mode},
         "batch": batch, "samples": n, "rounds": rounds, "per_block": per_block,
         "order": "interleaved blocks: (ADD, leased samples, DEL, direct samples) x rounds, "
-                 "one warm-up sample per block not counted",
+                 "the two in reverse order every other round, one warm-up sample per block "
+                 "not counted",
         "queue": QUEUE, "mode": "copy (XDP_COPY)",
         "frames_delivered": {k: batch * (rounds * (per_block + 1)) for k in ns},
         "frames_lost": dict.fromkeys(ns, 0),  # any loss fails the run (FramesLost)
@@ -340,7 +365,7 @@ def measure(samples: int, batch: int, rounds: int, dev_id: int = 41) -> dict[str
         "socket_stats_last_block": stats,
         # receive rate ratio, leased / direct = direct ns / leased ns
         "rate_ratio_leased_vs_direct": {
-            q: round(per["direct"][q] / per["leased"][q], 3) for q in ("p50", "p90")},
+            q: round(per["direct"][q] / per["leased"][q], 3) for q in ("p50", "p90", "min")},
         "paired_rate_ratio": summary([d / x for d, x in zip(ns["direct"], ns["leased"],
                                                              strict=True)]),
         "wall_s": round(time.monotonic() - started, 1),
@@ -383,6 +408,15 @@ def _steer_tx(name: str, queues: int, rx_queue: int) -> None:
     for tx in range(queues):
         Path(f"/sys/class/net/{name}/queues/tx-{tx}/xps_cpus").write_text(
             "1" if tx == rx_queue + 1 else "0")
+
+
+def _loopback_on(name: str) -> None:
+    """netdevsim ``name`` receives what it sends, on RX queue 0 as XDP sees it."""
+    # No IPv6 on the master: its router solicitations would loop back into the ring.
+    Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1")
+    subprocess.run(["ethtool", "-K", name, "loopback", "on"],  # noqa: S607
+                   check=True, capture_output=True)
+    _steer_tx(name, 4, QUEUE)
 
 
 class Sender:
@@ -450,6 +484,81 @@ def loopback_block(tx: Sender, rx: Receiver, samples: int) -> list[float]:
     return got
 
 
+def measure_two_masters(samples: int, batch: int, dev_ids: tuple[int, int] = (43, 44)
+                        ) -> dict[str, Any]:
+    """Leased vs direct alternating every sample: two identical netdevsim masters.
+
+    The cross-check of :func:`measure`, without an ADD and a DEL between
+    the two sides: master A's queue 0 leased to a pod's netkit (a real ADD)
+    while master B's queue 0 is bound directly, each master running our
+    program; samples alternate A B, B A, ... with both sockets open. Halfway
+    the roles swap (DEL, then B's queue 0 leased and A's bound), so neither
+    device is always one side. What differs from :func:`measure`: the two
+    sides use two devices' queue 0, not one queue.
+    """
+    from cni_netkit.kernel import bpf, xsk  # noqa: PLC0415
+
+    started = time.monotonic()
+    a = Setup(dev_ids[0])
+    try:
+        b = Setup(dev_ids[1], parent=a)
+    except BaseException:
+        a.close()
+        raise
+    ns: dict[str, list[float]] = {"leased": [], "direct": []}
+    fds: list[int] = []
+    try:
+        progs, maps = {}, {}
+        for st in (a, b):
+            change = xsk.ensure_program(st.master, str(PROGRAM), root=st.root)
+            progs[st.dev_id] = bpf.prog_fd_by_id(change.program.prog_id or 0)
+            fds.append(progs[st.dev_id])
+            maps[st.dev_id] = xsk.create_map(st.root / f"direct{st.dev_id}")
+        half = math.ceil(samples / 2)
+        for phase, (lessor, plain) in enumerate(((a, b), (b, a))):
+            lessor.wait_queue_free()
+            plain.wait_queue_free()
+            cid = f"two{phase}"
+            rxs = []
+            try:
+                rxs.append(("leased", lessor, lessor.leased_receiver(lessor.add(cid))))
+                rxs.append(("direct", plain, plain.direct_receiver(maps[plain.dev_id])))
+                for i in range(half + 1):  # sample 0 of each side: warm-up
+                    for side, st, rx in rxs[::-1] if i % 2 else rxs:
+                        v = live_sample(progs[st.dev_id], st.ifindex, rx, batch=batch, side=side)
+                        if i:
+                            ns[side].append(v)
+            finally:
+                for _, _, rx in rxs:
+                    rx.close()
+                if cid in lessor.added:
+                    lessor.wait_queue_free(unbound_only=True)
+                    lessor.delete(cid)
+                xsk.unwire(plain.master, [QUEUE], maps[plain.dev_id].map_id, root=plain.root)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        b.close()
+        a.close()
+    per = {k: summary(v) for k, v in ns.items()}
+    return {
+        "masters": "two netdevsim masters, our program native on both",
+        "batch": batch, "samples": len(ns["leased"]),
+        "order": "both sockets open, samples alternating leased/direct (reversed every other "
+                 "sample); roles of the two masters swapped halfway; one warm-up per phase",
+        "frames_delivered": {k: batch * 2 * (half + 1) for k in ns},
+        "frames_lost": dict.fromkeys(ns, 0),  # any loss fails the run (FramesLost)
+        "ns_per_frame": per,
+        "frames_per_s_at": {k: {q: round(1e9 / v[q]) for q in ("p50", "p90")}
+                            for k, v in per.items()},
+        "rate_ratio_leased_vs_direct": {
+            q: round(per["direct"][q] / per["leased"][q], 3) for q in ("p50", "p90", "min")},
+        "paired_rate_ratio": summary([d / x for d, x in zip(ns["direct"], ns["leased"],
+                                                             strict=True)]),
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+
+
 LOOPBACK_SIDES = ("native direct", "generic direct", "native leased")
 
 
@@ -484,11 +593,7 @@ def measure_loopback(samples: int, frames: int, rounds: int, dev_id: int = 42
     knob = NSIM_DEBUGFS / f"netdevsim{dev_id}" / "ports" / "0" / "bpf_xdpdrv_accept"
     tx: Sender | None = None
     try:
-        # No IPv6 on the master: its router solicitations would loop back into the ring.
-        Path(f"/proc/sys/net/ipv6/conf/{s.master}/disable_ipv6").write_text("1")
-        subprocess.run(["ethtool", "-K", s.master, "loopback", "on"],  # noqa: S607
-                       check=True, capture_output=True)
-        _steer_tx(s.master, 4, QUEUE)
+        _loopback_on(s.master)
         sender = tx = Sender(s.master, frames)
         direct_map = xsk.create_map(s.root / "direct")
         foreign = dict.fromkeys(LOOPBACK_SIDES, 0)
@@ -513,6 +618,7 @@ def measure_loopback(samples: int, frames: int, rounds: int, dev_id: int = 42
                     foreign[side] += rx.foreign
                     rx.close()
                     if binding == "leased":
+                        s.wait_queue_free(unbound_only=True)
                         s.delete(cid)
                     else:
                         xsk.unwire(s.master, [QUEUE], direct_map.map_id, root=s.root)
@@ -531,15 +637,16 @@ def measure_loopback(samples: int, frames: int, rounds: int, dev_id: int = 42
 
     def ratio(a: str, b: str) -> dict[str, Any]:
         """Receive rate of side a / side b (= b's ns / a's ns), p50 and p90, and paired."""
-        return {**{q: round(per[b][q] / per[a][q], 3) for q in ("p50", "p90")},
+        return {**{q: round(per[b][q] / per[a][q], 3) for q in ("p50", "p90", "min")},
                 "paired": summary([y / x for x, y in zip(ns[a], ns[b], strict=True)])}
 
     return {
         "master": "netdevsim, ethtool loopback on; an AF_PACKET TX ring sends on TX queue 1, "
                   "the program sees RX queue 0",
         "frames_per_sample": frames, "samples": len(ns[LOOPBACK_SIDES[0]]), "rounds": rounds,
-        "order": "interleaved blocks: (" + ", ".join(LOOPBACK_SIDES) + ") x rounds, the "
-                 "program attached afresh per block, one warm-up sample per block not counted",
+        "order": "interleaved blocks: (" + ", ".join(LOOPBACK_SIDES) + ") x rounds, in "
+                 "reverse order every other round, the program attached afresh per block, "
+                 "one warm-up sample per block not counted",
         "frames_delivered": {k: frames * rounds * (per_block + 1) for k in ns},
         "frames_lost": dict.fromkeys(ns, 0),  # any loss fails the run (FramesLost)
         "foreign_frames": foreign,  # not ours (the kernel's own): not counted
@@ -565,6 +672,7 @@ def main() -> int:
                         help="loopback blocks per side, interleaved")
     args = parser.parse_args()
     out = measure(args.samples, args.batch, args.rounds or args.samples)
+    out["two_masters"] = measure_two_masters(args.samples, args.batch)
     if args.loopback_frames:
         out["loopback"] = measure_loopback(args.samples, args.loopback_frames,
                                            args.loopback_rounds)
