@@ -34,6 +34,10 @@ outside the timed part. Every frame must arrive: one missing frame fails the
 run (a rate of frames that were lost is no rate). Each block starts with one
 warm-up sample, not counted.
 
+:func:`measure_two_masters` cross-checks it on two identical masters, the
+two sockets open at once and alternating every sample (no ADD or DEL
+between them).
+
 ``--loopback-frames F`` (0: skipped) measures the real receive path too
 (netdevsim loopback): native vs generic XDP on the master, and leased vs
 direct again: see :func:`measure_loopback`.
