@@ -147,7 +147,7 @@ def print_proxy(px: dict[str, Any]) -> None:
               f"{rate['p90']:13d} {px['frames_delivered'][name]:10d} {px['frames_lost'][name]:5d}")
     r, pr = px["rate_ratio_leased_vs_direct"], px["paired_rate_ratio"]
     print(f"receive rate, leased / direct: p50 {r['p50']:.3f}, p90 {r['p90']:.3f}, "
-          f"min {r['min']:.3f} "
+          f"p10 {r['p10']:.3f}, min {r['min']:.3f} "
           f"(paired per sample: p50 {pr['p50']:.3f}, p90 {pr['p90']:.3f}); "
           f"{px['wall_s']} s")
     tm = px.get("two_masters")
@@ -163,7 +163,7 @@ def print_proxy(px: dict[str, Any]) -> None:
                   f"{tm['frames_lost'][name]:5d}")
         r, pr = tm["rate_ratio_leased_vs_direct"], tm["paired_rate_ratio"]
         print(f"receive rate, leased / direct: p50 {r['p50']:.3f}, p90 {r['p90']:.3f}, "
-              f"min {r['min']:.3f} (paired per sample: p50 {pr['p50']:.3f}, "
+              f"p10 {r['p10']:.3f}, min {r['min']:.3f} (paired per sample: p50 {pr['p50']:.3f}, "
               f"p90 {pr['p90']:.3f}); {tm['wall_s']} s")
     lb = px.get("loopback")
     if not lb:
