@@ -1,7 +1,7 @@
 """What the netkit proxy costs an AF_XDP socket: leased queue vs the physical queue (VM only).
 
-``python -m bench.proxy [--samples N] [--batch B] [--rounds R] [--loopback-frames F]``
-prints JSON on stdout.
+``python -m bench.proxy [--samples N] [--batch B] [--rounds R] [--cross-samples C]
+[--loopback-frames F] [--loopback-rounds L]`` prints JSON on stdout.
 
 One netdevsim master with our XDP program attached (``kernel.xsk``), and a
 copy-mode AF_XDP socket with its own UMEM, bound one of two ways:
@@ -23,7 +23,8 @@ index 0 of the ingress device (``xdp_test_run_setup`` in net/bpf/test_run.c:
 to that device's queue 0. The two sockets cannot hold queue 0 at once (a
 queue bound by AF_XDP cannot be leased, a leased one cannot be bound), so the
 run alternates blocks in one boot: (ADD, leased samples, DEL, direct samples)
-x ``R`` rounds, interleaved so that load drift hits both sides alike.
+x ``R`` rounds (default: one sample per block), the two in reverse order
+every other round, so that load drift hits both sides alike.
 
 A sample is one ``BPF_PROG_TEST_RUN`` of ``B`` live frames: each runs the
 master's program and its XDP_REDIRECT is carried out through the XSK map into
@@ -36,7 +37,7 @@ warm-up sample, not counted.
 
 :func:`measure_two_masters` cross-checks it on two identical masters, the
 two sockets open at once and alternating every sample (no ADD or DEL
-between them).
+between them), ``C`` samples per side.
 
 ``--loopback-frames F`` (0: skipped) measures the real receive path too
 (netdevsim loopback): native vs generic XDP on the master, and leased vs
