@@ -19,6 +19,7 @@ share the host) spreads over all of them alike.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import signal
@@ -98,6 +99,7 @@ class Scenario:
     conc_del: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     fallbacks: int = 0  # warm runs the executable had to run cold after all
+    fallback_reasons: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def environ(self, command: str, cid: str, netns: str) -> dict[str, str]:
         return {
@@ -119,6 +121,7 @@ class Scenario:
     def check(self, what: str, run: Run) -> None:
         if b"node agent not used" in run.stderr:
             self.fallbacks += 1
+            self.fallback_reasons[fallback_reason(run.stderr)] += 1
         if run.status != 0:
             self.failures.append(f"{what}: exit {run.status}: {run.stdout[:300]!r} "
                                  f"{run.stderr[-300:]!r}")
@@ -165,8 +168,19 @@ class Scenario:
             "conc_add": summary(self.conc_add), "conc_del": summary(self.conc_del),
             "maxrss_kb_p50": sorted(self.rss)[len(self.rss) // 2] if self.rss else None,
             "failures": self.failures[:10], "failure_count": len(self.failures),
-            "fallbacks": self.fallbacks,
+            "fallbacks": self.fallbacks, "fallback_reasons": dict(self.fallback_reasons),
         }
+
+
+def fallback_reason(stderr: bytes) -> str:
+    """The reason of the client's "node agent not used" line (JSON on stderr)."""
+    for line in stderr.splitlines():
+        if b"node agent not used" in line:
+            try:
+                return str(json.loads(line).get("reason", "?"))
+            except ValueError:
+                return "unparsable note"
+    return "?"
 
 
 class Agent:

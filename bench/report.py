@@ -62,7 +62,8 @@ def print_guest(guest: dict[str, Any], heads: dict[str, Any]) -> None:
         rss = s["maxrss_kb_p50"] / 1024 if s["maxrss_kb_p50"] else None
         fail = f"  [{s['failure_count']} failed]" if s["failure_count"] else ""
         if s.get("fallbacks"):
-            fail += f"  [{s['fallbacks']} ran cold]"
+            why = "; ".join(f"{n}x {r}" for r, n in s.get("fallback_reasons", {}).items())
+            fail += f"  [{s['fallbacks']} ran cold{': ' + why if why else ''}]"
         print(f"{name:42s} {_f(s['add']['p50'])} {_f(s['add']['p90'])} {_f(s['del']['p50'])} "
               f"{_f(s['del']['p90'])} {_f(s['conc_add']['p50'])} {_f(s['conc_del']['p50'])} "
               f"{_f(rss, 7)} {_f(h.get('add_p50_ratio'), 7, 2)} "
