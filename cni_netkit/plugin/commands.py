@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from contextvars import ContextVar
 from pathlib import Path
@@ -32,6 +32,7 @@ from cni_netkit.errors import (
     NetkitError,
     NotAvailable,
     NotFound,
+    PoolExhausted,
     QueueBusy,
     TryAgainLater,
 )
@@ -195,6 +196,19 @@ def _create_netkit(kernel: KernelAPI, cfg: NetConf, att: Attachment) -> tuple[Li
     return pod, host
 
 
+def _exhausted_why(e: PoolExhausted, rx: Sequence[Queue], pool: Sequence[int]) -> PoolExhausted:
+    """``e`` with the pool queues that are taken without a lease named: a consumer bound
+    outside any attachment, or one that just closed (the kernel lets go of a closed
+    AF_XDP socket's queue a little later, so an ADD right after may see it still bound)."""
+    pool_set = set(pool)
+    bound = sorted(q.id for q in rx if q.id in pool_set and q.lease is None and q.in_use)
+    if not bound:
+        return e
+    return PoolExhausted(e.msg, f"{e.details}; bound by AF_XDP or a memory provider without "
+                                f"a lease: {format_pool(bound)} (a consumer outside any "
+                                "attachment, or one that closed moments ago: retry)")
+
+
 def _lease_queues(
     kernel: KernelAPI, cfg: NetConf, master: Link, pod_link: Link, *, netns: str, host_nsid: int
 ) -> tuple[LeasedQueue, ...]:
@@ -205,9 +219,12 @@ def _lease_queues(
         rx = _rx_queues(kernel, master)
         in_use = {q.id for q in rx if q.in_use} | refused
         free = free_queues(cfg.queues, {q.id for q in rx}, in_use)
-        wanted = choose(
-            free, cfg.queues_per_attachment - len(leased), master=cfg.master, pool=cfg.queues
-        )
+        try:
+            wanted = choose(
+                free, cfg.queues_per_attachment - len(leased), master=cfg.master, pool=cfg.queues
+            )
+        except PoolExhausted as e:
+            raise _exhausted_why(e, rx, cfg.queues) from None
         for q in wanted:
             try:
                 nk_id = kernel.queue_create(

@@ -60,6 +60,22 @@ def test_add_skips_queues_in_use_by_anyone(kernel: FakeKernel, state: Path) -> N
     assert list(kernel.leased_master_queues()) == [10]
 
 
+def test_exhausted_names_the_pool_queues_bound_without_a_lease(
+    kernel: FakeKernel, state: Path
+) -> None:
+    """A socket closed moments ago still holds its queue for a little while: the error
+    says which queues are taken that way, so the admin (or the runtime's retry) knows."""
+    kernel.foreign_in_use = {8, 9, 10}
+    with pytest.raises(PoolExhausted) as e:
+        commands.add(inv("ADD", state, queues="8-10"), kernel)
+    assert e.value.code == 100
+    assert e.value.details == (
+        "need 1 free queue(s), 0 free of pool 8-10; bound by AF_XDP or a memory provider "
+        "without a lease: 8-10 (a consumer outside any attachment, or one that closed "
+        "moments ago: retry)")
+    assert kernel.links_in(POD) == []
+
+
 def test_add_rechooses_when_a_queue_is_taken_between_read_and_lease(
     kernel: FakeKernel, state: Path
 ) -> None:
