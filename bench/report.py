@@ -128,23 +128,63 @@ def print_steering(st: dict[str, Any]) -> None:
 
 
 def print_proxy(px: dict[str, Any]) -> None:
-    """bench.proxy's table: AF_XDP delivery through the netkit's leased queue vs directly."""
+    """bench.proxy's tables: AF_XDP receive through the netkit's leased queue vs directly,
+    and the loopback receive path with the program native vs generic."""
     if not px:
         return
     if "error" in px:
         print(f"\n== VM proxy: {px['error'][-300:]} ==")
         return
-    print(f"\n== VM proxy: AF_XDP {px['mode']}, live frames x {px['batch']} per sample, "
-          f"n={px['samples']}, {px['master']['driver']} master ({px['master']['xdp_mode']} XDP) ==")
-    print(f"{'socket bound to':28s} {'ns p50':>8s} {'ns p90':>8s} {'frames/s p50':>13s} "
-          f"{'lost':>6s}")
+    print(f"\n== VM proxy: AF_XDP {px['mode']}, live frames x {px['batch']} per sample on "
+          f"queue {px['queue']}, n={px['samples']} per side in {px['rounds']} interleaved "
+          f"blocks each, {px['master']['driver']} master ({px['master']['xdp_mode']} XDP) ==")
+    print(f"{'socket bound to':28s} {'ns p50':>8s} {'ns p90':>8s} {'ns min':>8s} "
+          f"{'frames/s p50':>13s} {'frames/s p90':>13s} {'delivered':>10s} {'lost':>5s}")
     for name, v in px["ns_per_frame"].items():
         label = {"leased": "netkit's leased queue", "direct": "the physical queue"}.get(name, name)
-        print(f"{label:28s} {_f(v['p50'])} {_f(v['p90'])} "
-              f"{px['frames_per_s_at'][name]['p50']:13d} {px['frames_lost'][name]:6d}")
+        rate = px["frames_per_s_at"][name]
+        print(f"{label:28s} {_f(v['p50'])} {_f(v['p90'])} {_f(v['min'])} {rate['p50']:13d} "
+              f"{rate['p90']:13d} {px['frames_delivered'][name]:10d} {px['frames_lost'][name]:5d}")
     r, pr = px["rate_ratio_leased_vs_direct"], px["paired_rate_ratio"]
-    print(f"receive rate, leased / direct: p50 {r['p50']:.3f}, p90 {r['p90']:.3f} "
-          f"(paired per round: p50 {pr['p50']:.2f}, p90 {pr['p90']:.2f})")
+    print(f"receive rate, leased / direct: p50 {r['p50']:.3f}, p90 {r['p90']:.3f}, "
+          f"p10 {r['p10']:.3f}, min {r['min']:.3f} "
+          f"(paired per sample: p50 {pr['p50']:.3f}, p90 {pr['p90']:.3f}); "
+          f"{px['wall_s']} s")
+    tm = px.get("two_masters")
+    if tm:
+        print(f"\n== VM proxy, cross-check: {tm['masters']}, live frames x {tm['batch']}, "
+              f"n={tm['samples']} per side, {tm['order']} ==")
+        print(f"{'socket bound to':28s} {'ns p50':>8s} {'ns p90':>8s} {'ns min':>8s} "
+              f"{'frames/s p50':>13s} {'frames/s p90':>13s} {'delivered':>10s} {'lost':>5s}")
+        for name, v in tm["ns_per_frame"].items():
+            rate = tm["frames_per_s_at"][name]
+            print(f"{name:28s} {_f(v['p50'])} {_f(v['p90'])} {_f(v['min'])} "
+                  f"{rate['p50']:13d} {rate['p90']:13d} {tm['frames_delivered'][name]:10d} "
+                  f"{tm['frames_lost'][name]:5d}")
+        r, pr = tm["rate_ratio_leased_vs_direct"], tm["paired_rate_ratio"]
+        print(f"receive rate, leased / direct: p50 {r['p50']:.3f}, p90 {r['p90']:.3f}, "
+              f"p10 {r['p10']:.3f}, min {r['min']:.3f} (paired per sample: p50 {pr['p50']:.3f}, "
+              f"p90 {pr['p90']:.3f}); {tm['wall_s']} s")
+    lb = px.get("loopback")
+    if not lb:
+        return
+    print(f"\n== VM proxy, real receive path: {lb['master']}; "
+          f"{lb['frames_per_sample']} frames per sample, n={lb['samples']} per mode in "
+          f"{lb['rounds']} interleaved blocks each ==")
+    print(f"{'program, socket':28s} {'ns p50':>8s} {'ns p90':>8s} {'ns min':>8s} "
+          f"{'frames/s p50':>13s} {'frames/s p90':>13s} {'delivered':>10s} {'lost':>5s}")
+    for name, v in lb["ns_per_frame"].items():
+        rate = lb["frames_per_s_at"][name]
+        print(f"{name:28s} {_f(v['p50'])} {_f(v['p90'])} {_f(v['min'])} {rate['p50']:13d} "
+              f"{rate['p90']:13d} {lb['frames_delivered'][name]:10d} {lb['frames_lost'][name]:5d}")
+    for label, key in (("native / generic", "rate_ratio_native_vs_generic"),
+                       ("leased / direct", "rate_ratio_leased_vs_direct")):
+        r = lb[key]
+        print(f"receive rate, {label}: p50 {r['p50']:.3f}, p90 {r['p90']:.3f}, "
+              f"min {r['min']:.3f} "
+              f"(paired per sample: p50 {r['paired']['p50']:.3f}, "
+              f"p90 {r['paired']['p90']:.3f})")
+    print(f"{lb['wall_s']} s")
 
 
 def print_phases(title: str, phases: dict[str, Any]) -> None:

@@ -186,6 +186,17 @@ def _volume_name(name: str) -> str:
     return name
 
 
+_PATH_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")
+
+
+def _path_component(name: str) -> str:
+    # One directory name inside the pod's volume: no "/", no "..", no leading dot.
+    if not _PATH_COMPONENT.fullmatch(name) or ".." in name:
+        raise ValueError("must be one path component of [A-Za-z0-9_.-] starting with a "
+                         f"letter or digit, without '..', got {_short(name)}")
+    return name
+
+
 def _network_name(name: str) -> str:
     # libcni's ValidateNetworkName; the name is part of our owner alias and records.
     if not _CONTAINER_ID.fullmatch(name):
@@ -320,6 +331,9 @@ class NetConf(BaseModel):
     # the result's mapPath; the kubelet's root directory (the node's KUBELET_ROOTS_ENV).
     xsk_map_volume: Annotated[StrictStr, AfterValidator(_volume_name)] | None = None
     xsk_map_mount_path: AbsolutePath = DEFAULT_XSK_MAP_MOUNT_PATH
+    # A directory of that volume holding the bpffs and the lease file instead of the
+    # volume itself: KubeVirt's hook sidecar N sees only "hook-sidecar-N" of its volume.
+    xsk_map_subdir: Annotated[StrictStr, AfterValidator(_path_component)] | None = None
     kubelet_root: AbsolutePath = DEFAULT_KUBELET_ROOT
     runtime_config: RuntimeConfig = RuntimeConfig()
     capabilities: dict[str, StrictBool] = {}
@@ -363,6 +377,9 @@ class NetConf(BaseModel):
                 'ipam: a "single" netkit has no peer, so it carries no IP address; '
                 'use pairing "pair" or remove ipam'
             )
+        if self.xsk_map_subdir is not None and self.xsk_map_volume is None:
+            raise ValueError("xskMapSubdir: names a directory of the xskMapVolume volume; "
+                             "set xskMapVolume too or drop xskMapSubdir")
         if self.mac is not None and self.mode != "l2":
             raise ValueError(
                 f"{self._mac_source}: an l3 netkit has no MAC address; "

@@ -13,8 +13,9 @@ Two things leave the node:
   queues held by someone else are not ours to give), 0 when the master cannot
   lease at all. The scheduler subtracts what running pods request.
 * **A pod annotation**, ``netkit.cni.dev/leases``: a JSON list with one entry
-  per netkit attachment of the pod (see :func:`lease_entry`), readable inside
-  the pod through a downward API volume.
+  per netkit attachment of the pod (``plugin.leasefile.lease_entry``, which
+  also writes the lease file of an attachment delivered into the pod's volume),
+  readable inside the pod through a downward API volume.
 
 :func:`plan` compares what should be published (from the plugin's attachment
 records and the pool configuration) with what the API server shows, and says
@@ -31,8 +32,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cni_netkit.config import parse_queue_pool
+from cni_netkit.plugin.leasefile import lease_entry
 from cni_netkit.plugin.state import Attachment
-from cni_netkit.result import consumer_fields
 
 if TYPE_CHECKING:
     from cni_netkit.agent.k8s import Node, Pod
@@ -180,31 +181,6 @@ def capacity(
 
 
 # --- the pod annotation ------------------------------------------------------------
-
-
-def lease_entry(att: Attachment) -> dict[str, Any]:
-    """One attachment as the pod sees it in ``netkit.cni.dev/leases``.
-
-    ``queues`` are the netkit's queue ids (what AF_XDP binds to inside the
-    pod), ``masterQueues`` the physical ones they proxy, index by index.
-    ``qemuNetdev`` (the ``-netdev af-xdp`` arguments) and ``dpdkVdev`` (DPDK's
-    ``--vdev``), ``mapPath``, ``mapStartIndex`` and ``xskMode`` when the
-    attachment has a pinned XSK map: without one nothing steers the queues'
-    frames to an AF_XDP socket, and ``afxdpUnavailable`` says why (as in the
-    CNI result: ``result.consumer_fields``).
-    """
-    leased = sorted(att.queues, key=lambda q: q.netkit_queue)
-    entry: dict[str, Any] = {
-        "network": att.network,
-        "interface": att.device,  # its name in the pod
-        "master": att.master,
-        "queues": [q.netkit_queue for q in leased],
-        "masterQueues": [q.master_queue for q in leased],
-        "mac": att.mac,
-    }
-    # The same consumer fields as the CNI result's netkit key.
-    entry.update(consumer_fields(att.netkit))
-    return entry
 
 
 def leases_value(attachments: Iterable[Attachment]) -> str | None:

@@ -1,7 +1,16 @@
 """Which VMI interfaces are ours, and each one's lease, from what reaches the launcher pod.
 
-Two downward-API files can carry a lease (docs/kubevirt.md):
+Three sources can carry a lease (docs/kubevirt.md), read in this order:
 
+* the lease files the plugin writes into the pod's volume (``--leases-dir``,
+  default ``/var/run/kubevirt-hooks``): with ``xskMapVolume:
+  hook-sidecar-sockets`` and ``xskMapSubdir: hook-sidecar-N`` in the NAD, the
+  plugin puts ``cni-netkit-<CNI_IFNAME>.json`` (format
+  ``cni-netkit.dev/lease/v1``: ``{"format", "owner", "lease": <one
+  annotation entry>}``, ``cni_netkit/plugin/leasefile.py``) beside the XSK
+  map it delivers, in the directory KubeVirt mounts into hook sidecar N. This
+  is the source that works with a stock Multus and KubeVirt; its entry is
+  matched like an annotation entry (below);
 * ``kubevirt.io/network-info`` (``downwardAPI: device-info`` in the binding's
   registration, mounted at ``/etc/podinfo/network-info``): per VMI network,
   the Multus network-status ``device-info``, which our ``CNIDeviceInfoFile``
@@ -13,7 +22,7 @@ Two downward-API files can carry a lease (docs/kubevirt.md):
   name (the VMI status' ``podInterfaceName``, else KubeVirt's hashed name
   ``pod<sha256(network)[:11]>``) or, failing that, by MAC.
 
-Both are written after the CNI ADD, and the kubelet refreshes downward-API
+All are written after the CNI ADD, and the kubelet refreshes downward-API
 files on its own schedule: :func:`wait_for_leases` re-reads them until every
 bound interface has a lease or the time is up, then says what is missing.
 """
@@ -32,6 +41,10 @@ from cni_netkit.kubevirt.domain import BoundNIC
 
 DEFAULT_BINDING = "netkit-afxdp"
 NETWORK_INFO = "/etc/podinfo/network-info"
+LEASES_DIR = "/var/run/kubevirt-hooks"  # hook sidecar N's view of hook-sidecar-N/
+# The plugin's lease files (cni_netkit/plugin/leasefile.py, which this package may not import).
+LEASE_FILE_FORMAT = "cni-netkit.dev/lease/v1"
+LEASE_FILE_GLOB = "cni-netkit-*.json"
 
 
 class LeaseError(Exception):
@@ -104,17 +117,44 @@ def from_annotation(text: str, source: str) -> list[Lease]:
             for e in entries if isinstance(e, Mapping)]
 
 
+def from_lease_dir(directory: str) -> list[Lease]:
+    """The leases of the plugin's lease files in ``directory`` (none when it is missing).
+
+    A file of another format is an error, not skipped: a newer plugin's file
+    this sidecar cannot read must not look like a missing lease.
+    """
+    try:
+        paths = sorted(Path(directory).glob(LEASE_FILE_GLOB))
+    except OSError:
+        return []
+    out = []
+    for path in paths:
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue  # its DEL removed it meanwhile
+        if not isinstance(doc, Mapping) or doc.get("format") != LEASE_FILE_FORMAT:
+            found = doc.get("format") if isinstance(doc, Mapping) else type(doc).__name__
+            raise ValueError(f"{path} is not a {LEASE_FILE_FORMAT} lease file ({found!r}): "
+                             "is the sidecar older than the node's cni-netkit?")
+        out += from_annotation(json.dumps([doc.get("lease")]), str(path))
+    return out
+
+
 def find_lease(iface: Interface, by_network: Mapping[str, Lease],
-               annotation: Sequence[Lease]) -> Lease | None:
-    """``iface``'s lease: network-info's entry for its network, else the annotation's."""
-    if iface.name in by_network:
-        return by_network[iface.name]
+               annotation: Sequence[Lease], files: Sequence[Lease] = ()) -> Lease | None:
+    """``iface``'s lease: a lease file's, else network-info's entry for its network, else
+    the annotation's; a file or annotation entry matched by pod interface name, then MAC."""
+    return (_match(iface, files) or by_network.get(iface.name) or _match(iface, annotation))
+
+
+def _match(iface: Interface, entries: Sequence[Lease]) -> Lease | None:
     names = {iface.pod_interface, hashed_pod_interface(iface.name)} - {None}
-    for lease in annotation:
+    for lease in entries:
         if lease.interface in names:
             return lease
     if iface.mac:
-        for lease in annotation:
+        for lease in entries:
             if lease.mac and lease.mac.lower() == iface.mac.lower():
                 return lease
     return None
@@ -155,6 +195,7 @@ def wait_for_leases(
     network_info: str | None,
     leases: str | None,
     timeout: float,
+    leases_dir: str | None = None,
     interval: float = 0.5,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
@@ -169,6 +210,7 @@ def wait_for_leases(
     while True:
         problems = []
         try:
+            files = from_lease_dir(leases_dir) if leases_dir else []
             by_network = from_network_info(_read(network_info), network_info or "")
             annotation = from_annotation(_read(leases), leases or "")
         except (ValueError, AttributeError) as e:
@@ -177,7 +219,7 @@ def wait_for_leases(
             raise LeaseError(f"cannot read the lease files: {e}") from e
         nics = []
         for iface in ifaces:
-            lease = find_lease(iface, by_network, annotation)
+            lease = find_lease(iface, by_network, annotation, files)
             if lease is None:
                 problems.append(iface)
             else:
@@ -190,9 +232,12 @@ def wait_for_leases(
                 for i in problems)
             raise LeaseError(
                 f"no netkit lease for interface {missing} after {timeout:g}s: "
+                f"lease files {leases_dir + '/' + LEASE_FILE_GLOB if leases_dir else 'not read'}"
+                f" have {[e.interface for e in files] or 'none'}, "
                 f"network-info {network_info or 'not read'} has "
                 f"{sorted(by_network) or 'no netkit device-info'}, leases annotation "
                 f"{leases or 'not mounted'} has "
                 f"{[e.interface for e in annotation] or 'no entries'}; check the pod's "
-                "k8s.v1.cni.cncf.io/network-status and netkit.cni.dev/leases annotations")
+                "k8s.v1.cni.cncf.io/network-status and netkit.cni.dev/leases annotations, and "
+                "the NAD's xskMapVolume/xskMapSubdir (docs/kubevirt.md)")
         sleep(interval)

@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where virt-launcher looks for hook sockets (default: %(default)s)")
     parser.add_argument("--network-info", default=leases.NETWORK_INFO,
                         help="KubeVirt's downward-API network-info file (default: %(default)s)")
+    parser.add_argument("--leases-dir", default=env("CNI_NETKIT_LEASES_DIR", leases.LEASES_DIR),
+                        help="where the plugin's cni-netkit-*.json lease files are (the "
+                             "NAD's xskMapSubdir as this sidecar mounts it; default: "
+                             "%(default)s; env CNI_NETKIT_LEASES_DIR; empty: not read)")
     parser.add_argument("--leases", default=env("CNI_NETKIT_LEASES_FILE"),
                         help="a downward-API file of the pod's netkit.cni.dev/leases "
                              "annotation, when mounted (env CNI_NETKIT_LEASES_FILE)")
@@ -43,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     logs.configure("info")  # JSON lines on stderr: the container log
     settings = server.Settings(binding=args.binding, network_info=args.network_info or None,
-                               leases=args.leases or None, wait=args.wait,
+                               leases=args.leases or None,
+                               leases_dir=args.leases_dir or None, wait=args.wait,
                                map_dir=args.map_dir or None,
                                qemu_multiqueue=args.qemu_multiqueue)
     grpc_server, hooks = server.serve(settings, args.hooks_dir)

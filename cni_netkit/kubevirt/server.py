@@ -28,7 +28,7 @@ import grpc
 from cni_netkit import logs
 from cni_netkit.kubevirt import api, domain, leases
 
-HOOKS_DIR = "/var/run/kubevirt-hooks"
+HOOKS_DIR = leases.LEASES_DIR  # where virt-launcher finds our socket, and the lease files
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Settings:
     binding: str = leases.DEFAULT_BINDING
     network_info: str | None = leases.NETWORK_INFO
     leases: str | None = None
+    leases_dir: str | None = HOOKS_DIR
     wait: float = 40.0  # below virt-launcher's 1 min deadline, so our message is the one seen
     map_dir: str | None = None
     # Hand a multi-queue lease to QEMU as one ``queues=N`` netdev: only for a QEMU whose
@@ -92,7 +93,8 @@ def define_domain(domain_xml: bytes, vmi_json: bytes, settings: Settings) -> byt
     if not ifaces:
         return domain_xml  # a VMI without our binding: nothing to do
     nics = leases.wait_for_leases(ifaces, network_info=settings.network_info,
-                                  leases=settings.leases, timeout=settings.wait)
+                                  leases=settings.leases, leases_dir=settings.leases_dir,
+                                  timeout=settings.wait)
     multi = [nic for nic in nics if nic.queues > 1]
     if multi and not settings.qemu_multiqueue:
         # QEMU's af-xdp netdev (10.2, net/af-xdp.c) turns its read handler on once, after

@@ -31,7 +31,9 @@ ifname), so GC can tell whose a pin is even when the record is lost. With
 ``xskMapVolume`` the same name is pinned on a fresh bpffs instance that ADD
 mounts on ``cni-netkit/`` of the pod's emptyDir of that name (``_deliver``):
 the pod's spec names no node path, so it can reach no other pod's pin nor
-the master's maps.
+the master's maps. Beside it goes the attachment's lease file
+(``plugin.leasefile``); with ``xskMapSubdir`` both sit in that directory of
+the volume (KubeVirt's hook sidecar N sees only ``hook-sidecar-N``).
 
 ``kernel.xsk`` (ctypes, libbpf) is imported only where a master has steering
 or an attachment has a map: other requests pay one path check.
@@ -61,6 +63,7 @@ from cni_netkit.errors import (
 )
 from cni_netkit.kernel import bpffs
 from cni_netkit.kernel.types import KernelAPI
+from cni_netkit.plugin import leasefile
 from cni_netkit.plugin.lock import master_lock
 from cni_netkit.plugin.state import Attachment, LeasedQueue, Owner, StateStore, attachment_key
 
@@ -76,6 +79,7 @@ MAP_ID = "map_id"
 XSK_MODE = "xsk_mode"
 VOLUME_PIN = "volume_pin"  # the second pin, on the pod's own bpffs in its volume (host path)
 POD_MAP_PATH = "pod_map_path"  # that pin as the pod's workload sees it
+LEASE_FILE = "lease_file"  # the attachment's lease file beside it (host path)
 POD_UID = "pod_uid"
 
 # Kubernetes namespace and pod names (DNS-1123 subdomain): safe as path components.
@@ -181,12 +185,20 @@ def wire(cfg: NetConf, att: Attachment, undo: ExitStack, kernel: KernelAPI,
          master_ifindex: int) -> Attachment:
     """Create, pin and wire the attachment's XSK map; the attachment with it recorded.
 
-    Pushes its undos onto ``undo``. Nothing happens for pair mode or on a
-    master the agent has not set up. Records the mode the consumer's sockets
-    will get (the master's AF_XDP capability, from netdev ``dev-get``).
+    Pushes its undos onto ``undo``. Nothing happens for pair mode. On a master
+    the agent has not set up there is no map; with ``xskMapVolume`` the pod
+    still gets its lease file, saying why AF_XDP is unavailable (a KubeVirt
+    sidecar then fails at once with that reason rather than wait for a lease).
+    Records the mode the consumer's sockets will get (the master's AF_XDP
+    capability, from netdev ``dev-get``).
     """
-    if att.pairing != "single" or not att.queues or not _steering(att.master):
+    if att.pairing != "single" or not att.queues:
         return att
+    if not _steering(att.master):
+        if cfg.xsk_map_volume is None:
+            return att
+        where, _ = _pod_dir(cfg, att.extra.get(POD_UID), undo)
+        return _write_lease(where, att, undo)
     from cni_netkit.kernel import xsk  # noqa: PLC0415 - see the module docstring
 
     highest = max(q.netkit_queue for q in att.queues)
@@ -209,32 +221,59 @@ def wire(cfg: NetConf, att: Attachment, undo: ExitStack, kernel: KernelAPI,
     mode = xsk_mode(kernel.dev_get(master_ifindex).xdp_features)
     extra = {**att.extra, MAP_PATH: xsk_map.path, MAP_START_INDEX: start_index(att.queues),
              MAP_ID: xsk_map.map_id, XSK_MODE: mode}
-    if cfg.xsk_map_volume is not None:
-        extra |= _deliver(cfg, path, att.extra.get(POD_UID), undo)
-    return replace(att, extra=extra)
+    if cfg.xsk_map_volume is None:
+        return replace(att, extra=extra)
+    where, seen = _pod_dir(cfg, att.extra.get(POD_UID), undo)
+    extra |= _deliver(cfg, where, seen, path, undo)
+    return _write_lease(where, replace(att, extra=extra), undo)
 
 
-def _deliver(cfg: NetConf, pin: Path, pod_uid: str | None, undo: ExitStack) -> dict[str, str]:
-    """Pin the map a second time on a bpffs instance of the pod's own, mounted on its
-    emptyDir ``xskMapVolume``: the record's keys for it (the pin, the path the pod sees).
+def _pod_dir(cfg: NetConf, pod_uid: str | None, undo: ExitStack) -> tuple[Path, str]:
+    """The directory of the pod's emptyDir ``xskMapVolume`` that gets the pod's bpffs and
+    lease file (its ``xskMapSubdir``, made if missing), on the node and as the pod sees it.
 
-    The kubelet sets a pod's volumes up before the sandbox's CNI ADD, and the
-    containers are made after it, so each bind-mounts the volume with our
-    mount on it. That instance holds this pod's pins only: nothing in the pod
-    names the node's bpffs, the master's maps or another pod's map.
+    The kubelet sets a pod's volumes up before the sandbox's CNI ADD, and
+    makes a subPath directory when it starts that container, after it; it
+    takes one that exists as it is.
     """
-    from cni_netkit.kernel import xsk  # noqa: PLC0415 - see the module docstring
-
     volume = str(cfg.xsk_map_volume)
     where = volume_dir(cfg.kubelet_root, pod_uid, volume)
+    seen = cfg.xsk_map_mount_path
     try:
-        mounted = bpffs.mount_instance(where, POD_BPFFS)
+        if cfg.xsk_map_subdir is None:
+            if not where.is_dir():
+                raise FileNotFoundError(where)
+            return where, seen
+        if leasefile.make_dir(where, cfg.xsk_map_subdir):
+            undo.callback(_quietly, "remove the volume's directory",
+                          leasefile.remove_dir_if_empty, where / cfg.xsk_map_subdir)
     except FileNotFoundError as e:
         raise InvalidConfig(
             f"the pod has no emptyDir volume {volume!r} for its XSK map",
             f"{where} is missing: declare volumes: [{{name: {volume}, emptyDir: {{}}}}] in the "
             f"pod spec and mount it at {cfg.xsk_map_mount_path} (xskMapVolume, "
             "xskMapMountPath; docs/af_xdp.md)") from e
+    except OSError as e:  # a link or file planted at the directory's name, ...
+        raise IOFailure(f"cannot make {where}/{cfg.xsk_map_subdir} for the XSK map",
+                        e.strerror or str(e)) from e
+    return where / cfg.xsk_map_subdir, f"{seen}/{cfg.xsk_map_subdir}"
+
+
+def _deliver(cfg: NetConf, where: Path, seen: str, pin: Path, undo: ExitStack
+             ) -> dict[str, str]:
+    """Pin the map a second time on a bpffs instance of the pod's own, mounted on
+    ``where`` (``_pod_dir``; ``seen`` in the pod): the record's keys for it (the pin, the
+    path the pod sees).
+
+    The containers are made after the sandbox's ADD, so each bind-mounts the
+    volume with our mount on it. That instance holds this pod's pins only:
+    nothing in the pod names the node's bpffs, the master's maps or another
+    pod's map.
+    """
+    from cni_netkit.kernel import xsk  # noqa: PLC0415 - see the module docstring
+
+    try:
+        mounted = bpffs.mount_instance(where, POD_BPFFS)
     except OSError as e:  # a link or file planted at our directory, no CAP_SYS_ADMIN, ...
         raise IOFailure(f"cannot mount a bpffs for the XSK map on {where}/{POD_BPFFS}",
                         e.strerror or str(e)) from e
@@ -245,20 +284,37 @@ def _deliver(cfg: NetConf, pin: Path, pod_uid: str | None, undo: ExitStack) -> d
     xsk.pin_again(pin, at, owner=cfg.map_owner)
     undo.callback(_quietly, "unpin the pod's XSK map", at.unlink, True)
     log.info("delivered XSK map into the pod", volume=str(where), map_path=str(at))
-    return {VOLUME_PIN: str(at),
-            POD_MAP_PATH: f"{cfg.xsk_map_mount_path}/{POD_BPFFS}/{pin.name}"}
+    return {VOLUME_PIN: str(at), POD_MAP_PATH: f"{seen}/{POD_BPFFS}/{pin.name}"}
 
 
-def _undeliver(at: Path) -> None:
-    """Remove a pin on a pod's bpffs, and that instance once it holds no pin; all of it
-    already gone is fine. Nothing is touched unless a bpffs is mounted there (without it
-    the path is a file of the pod's own volume)."""
-    if not bpffs.is_instance(at.parent):
-        return
-    if at.exists():
-        at.unlink(missing_ok=True)
-        log.info("unpinned the pod's XSK map", map_path=str(at))
-    _unmount_if_empty(at.parent)
+def _write_lease(where: Path, att: Attachment, undo: ExitStack) -> Attachment:
+    """Write the attachment's lease file into ``where``; the attachment with it recorded."""
+    lease = where / leasefile.file_name(att.ifname)
+    try:
+        leasefile.write(where, att)
+    except OSError as e:  # a directory planted at its name, a full volume, ...
+        raise IOFailure(f"cannot write the lease file {lease}", e.strerror or str(e)) from e
+    undo.callback(_quietly, "remove the pod's lease file", leasefile.remove, lease, att.owner)
+    log.info("wrote the pod's lease file", path=str(lease))
+    return replace(att, extra={**att.extra, LEASE_FILE: str(lease)})
+
+
+def _undeliver(cfg: NetConf, at: Path, owner: Owner) -> None:
+    """Remove ``owner``'s pin ``at`` on a pod's bpffs and its lease file beside that bpffs,
+    the instance once it holds no pin, and then an emptied ``xskMapSubdir``; all of it
+    already gone is fine. No pin is touched unless a bpffs is mounted there (without it
+    the path is a file of the pod's own volume), no lease file unless it is ``owner``'s."""
+    base = at.parent.parent
+    if leasefile.remove(base / leasefile.file_name(owner.ifname), owner):
+        log.info("removed the pod's lease file", path=str(base / leasefile.file_name(
+            owner.ifname)))
+    if bpffs.is_instance(at.parent):
+        if at.exists():
+            at.unlink(missing_ok=True)
+            log.info("unpinned the pod's XSK map", map_path=str(at))
+        _unmount_if_empty(at.parent)
+    if cfg.xsk_map_subdir is not None and base.name == cfg.xsk_map_subdir:
+        leasefile.remove_dir_if_empty(base)  # made by ADD or by the kubelet: empty, unused
 
 
 def _unmount_if_empty(where: Path) -> None:
@@ -287,13 +343,15 @@ def release(
     # killed after delivering), the pin in the pod's volume is derived as ADD did.
     uid = pod_uid or (att.extra.get(POD_UID) if att else None)
     if delivered:
-        _undeliver(Path(delivered))
+        _undeliver(cfg, Path(delivered), owner)
     elif cfg.xsk_map_volume is not None and uid:
         with contextlib.suppress(NetkitError):  # no usable uid: ADD delivered nothing
             name = pin_path(root, owner, att.pod_namespace if att else pod_namespace,
                             att.pod_name if att else pod_name).name
-            _undeliver(volume_dir(cfg.kubelet_root, uid, cfg.xsk_map_volume)
-                       / POD_BPFFS / name)
+            base = volume_dir(cfg.kubelet_root, uid, cfg.xsk_map_volume)
+            if cfg.xsk_map_subdir is not None:
+                base /= cfg.xsk_map_subdir
+            _undeliver(cfg, base / POD_BPFFS / name, owner)
     recorded = att.extra.get(MAP_PATH) if att else None
     if recorded:
         path = Path(recorded)
@@ -349,15 +407,16 @@ def gc(cfg: NetConf, kernel: KernelAPI, valid: frozenset[tuple[str, str]],
         if (owner.container_id, owner.ifname) not in valid:
             _try(failures, f"{path}", _release_pin, cfg, path)
     if cfg.xsk_map_volume is not None:
+        shape = (POD_BPFFS, *([cfg.xsk_map_subdir] if cfg.xsk_map_subdir else []),
+                 cfg.xsk_map_volume, EMPTY_DIR)
         for where in bpffs.instances_below(kubelet_pods(cfg.kubelet_root)):
-            if (where.name, where.parent.name, where.parent.parent.name) != (
-                    POD_BPFFS, cfg.xsk_map_volume, EMPTY_DIR):
+            if tuple(p.name for p in (where, *where.parents)[:len(shape)]) != shape:
                 continue
             for at in bpffs.pinned_files(where):
                 owner = owner_of_pin(at)
                 if (owner is not None and owner.network == cfg.name
                         and (owner.container_id, owner.ifname) not in valid):
-                    _try(failures, f"{at}", _undeliver, at)
+                    _try(failures, f"{at}", _undeliver, cfg, at, owner)
     if _steering(cfg.master):
         _try(failures, f"dead XSK slots of {cfg.master}", _sweep, cfg, kernel)
 
@@ -408,6 +467,7 @@ def check(att: Attachment) -> None:
     if delivered and xsk.map_id(Path(delivered)) != map_id:
         raise CheckFailed("the pod's volume does not hold its XSK map any more",
                           f"{delivered} is not map id {map_id}")
+    _check_lease_file(att)
     prog = xsk.program(att.master)
     if not prog.attached:
         raise CheckFailed(f"master {att.master} has no cni-netkit XDP program attached",
@@ -416,6 +476,21 @@ def check(att: Attachment) -> None:
     problems = wiring_problems(att.queues, map_id, wired)
     if problems:
         raise CheckFailed(f"XSK map {path} is not wired as ADD left it", "; ".join(problems))
+
+
+def _check_lease_file(att: Attachment) -> None:
+    """Raise CheckFailed unless the pod's lease file (when ADD wrote one) is this
+    attachment's, as ADD wrote it."""
+    lease = att.extra.get(LEASE_FILE)
+    if not lease:
+        return
+    doc = leasefile.read(Path(lease))
+    if doc is None or doc.get("owner") != leasefile.document(att)["owner"]:
+        raise CheckFailed("the pod's volume does not hold its lease file any more",
+                          f"{lease} is missing or another attachment's")
+    if doc.get("lease") != leasefile.lease_entry(att):
+        raise CheckFailed(f"the pod's lease file {lease} differs from the attachment",
+                          "its lease entry was changed after ADD")
 
 
 def status(cfg: NetConf) -> None:

@@ -20,12 +20,12 @@ from cni_netkit.agent.publish import (
     capacity_changes,
     is_extended_resource_name,
     is_qualified_name,
-    lease_entry,
     leases_value,
     plan,
     pools_for_node,
     resource_name,
 )
+from cni_netkit.plugin.leasefile import lease_entry
 from cni_netkit.plugin.state import Attachment, LeasedQueue
 
 from . import fake_apiserver

@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,8 +116,9 @@ class Virsh:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start(netns: str, *, memlock: int) -> Virsh:
-    """virsh on a fresh embed root, as the pod's workload in ``netns`` (module doc)."""
+def start(netns: str, *, memlock: int, view: Sequence[str] = ()) -> Virsh:
+    """virsh on a fresh embed root, as the pod's workload in ``netns`` (module doc);
+    ``view``: a command prefix giving it the compute container's mounts (``pod_view``)."""
     lv = root("libvirt")
     # Short: libvirt's sockets live under it (a unix socket path has 108 bytes).
     d = Path(tempfile.mkdtemp(prefix="lv", dir="/tmp"))
@@ -133,7 +135,7 @@ def start(netns: str, *, memlock: int) -> Virsh:
             "-c", f"qemu:///embed?root={d / 'embed'}"]
     assert Path("/", SHARE).is_dir(), f"/{SHARE} missing: scripts/host-packages install test"
     share = f"mount --bind {lv / SHARE} /{SHARE} && exec \"$@\""
-    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-ec", share, "virsh",
+    cmd = [*view, "unshare", "--mount", "--propagation", "private", "sh", "-ec", share, "virsh",
            *workload(netns, argv, memlock=memlock)]
     with (d / "virsh.out").open("w") as out, (d / "virsh.err").open("w") as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, text=True)

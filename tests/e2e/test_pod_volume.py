@@ -3,7 +3,8 @@
 With ``xskMapVolume`` ADD mounts a fresh bpffs instance on the pod's emptyDir
 of that name, found by ``K8S_POD_UID`` under the kubelet's root (a temporary
 stand-in laid out as the kubelet lays it out), and pins the attachment's map
-there; DEL unpins it and unmounts. An unprivileged QEMU, in a mount namespace
+there, with its lease file beside; DEL unpins it, unmounts and removes the
+file. An unprivileged QEMU, in a mount namespace
 where the node's bpffs is gone and only the volume is bind-mounted (as the
 runtime mounts a container's volume), opens the map at the result's
 ``mapPath`` and receives exactly its queue's frames. Mounts are read back
@@ -43,6 +44,7 @@ pytestmark = pytest.mark.kernel
 VOLUME = "netkit"
 MOUNT_PATH = "/run/netkit"  # xskMapMountPath's default
 POD_BPFFS = "cni-netkit"  # the directory of the volume the plugin mounts its bpffs on
+LEASE_FILE = "cni-netkit-net1.json"  # the attachment's lease file beside it
 FRAMES_PER_QUEUE = 50
 
 
@@ -108,9 +110,16 @@ def assert_delivered(nk: dict[str, Any], volume: Path, key: str, map_id: int,
     assert nk["mapPath"] == seen
     assert f"map-path={seen}," in nk["qemuNetdev"] and f"dp_path={seen}," in nk["dpdkVdev"]
     bpf = volume / POD_BPFFS
-    assert mounts()[str(bpf)] == "bpf" and [p.name for p in volume.iterdir()] == [POD_BPFFS]
-    held = map_ids_below(volume)
-    assert held == {f"{POD_BPFFS}/{key}": map_id} and not others & set(held.values())
+    assert mounts()[str(bpf)] == "bpf"
+    assert sorted(p.name for p in volume.iterdir()) == [POD_BPFFS, LEASE_FILE]
+    # Beside the bpffs, the lease as the agent's annotation has it (plugin.leasefile).
+    lease = volume / LEASE_FILE
+    assert (lease.stat().st_uid, lease.stat().st_mode & 0o777) == (0, 0o644)
+    doc = json.loads(lease.read_text())
+    assert doc["format"] == "cni-netkit.dev/lease/v1"
+    assert (doc["lease"]["mapPath"], doc["lease"]["qemuNetdev"]) == (seen, nk["qemuNetdev"])
+    held = map_ids_below(bpf)
+    assert held == {key: map_id} and not others & set(held.values())
     st = (bpf / key).stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (WORKLOAD_UID, WORKLOAD_GID, 0o600)
     assert (bpf.stat().st_uid, bpf.stat().st_mode & 0o777) == (0, 0o755)

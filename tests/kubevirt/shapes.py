@@ -5,6 +5,7 @@ namespace declared on the root) and the VMI JSON it sends beside it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 UID = "5f4b6a8e-8d2e-4a0c-9c57-0d1c2b3a4f5e"
@@ -104,7 +105,7 @@ def vmi_json(*args: Any, **kwargs: Any) -> bytes:
 
 def lease_entry(interface: str, *, mac: str, queues: int = 1, network: str = "netkit-fast",
                 first_master_queue: int = 12) -> dict[str, Any]:
-    """One ``netkit.cni.dev/leases`` entry as the agent writes it (agent.publish.lease_entry)."""
+    """One ``netkit.cni.dev/leases`` entry as the agent writes it (plugin.leasefile.lease_entry)."""
     ids = list(range(1, queues + 1))
     pod_dir = "/sys/fs/bpf/cni-netkit/pods/default/virt-launcher-vm-afxdp-x7k2p"
     map_path = f"{pod_dir}/{network}:c1:{interface}"
@@ -116,3 +117,21 @@ def lease_entry(interface: str, *, mac: str, queues: int = 1, network: str = "ne
                        f"inhibit=on,map-path={map_path},map-start-index=1"),
         "mapPath": map_path, "mapStartIndex": 1, "xskMode": "copy",
     }
+
+
+def write_plugin_lease_file(directory: Path, interface: str, *, mac: str,
+                            container_id: str = "c1", network: str = "netkit-fast") -> Path:
+    """The lease file the plugin writes (``plugin.leasefile.write``, its own code) for an
+    attachment delivered into ``hook-sidecar-0`` of the launcher pod's hooks volume."""
+    from cni_netkit.plugin import leasefile  # noqa: PLC0415 - the plugin, in tests only
+    from cni_netkit.plugin.state import Attachment, LeasedQueue  # noqa: PLC0415
+
+    pin = f"{network}:{container_id}:{interface}"
+    att = Attachment(
+        container_id=container_id, ifname=interface, netns="/var/run/netns/x", network=network,
+        master="ens1f0np0", pairing="single", mode="l2", mac=mac, mtu=None,
+        queues=(LeasedQueue(netkit_queue=1, master_queue=12),),
+        extra={"map_path": f"/sys/fs/bpf/cni-netkit/pods/default/vm/{pin}",
+               "pod_map_path": f"/var/run/kubevirt-hooks/hook-sidecar-0/cni-netkit/{pin}",
+               "map_start_index": 1, "xsk_mode": "copy"})
+    return leasefile.write(directory, att)

@@ -157,3 +157,72 @@ def test_a_lease_file_of_another_shape_is_an_error_not_a_wait(tmp_path: Path) ->
     with pytest.raises(LeaseError, match="cannot read the lease files"):
         leases.wait_for_leases([Interface("fast", MAC, "net1")], network_info=None,
                                leases=str(tmp_path / "leases"), timeout=30)
+
+
+# --- the plugin's lease files in the sidecar's directory of the hooks volume ---------
+
+
+def test_the_plugins_lease_file_is_read_from_the_leases_dir(tmp_path: Path) -> None:
+    shapes.write_plugin_lease_file(tmp_path, "net1", mac=MAC)
+    (nic,) = leases.wait_for_leases([Interface("fast", MAC, "net1")], network_info=None,
+                                    leases=None, leases_dir=str(tmp_path), timeout=0)
+    # The map path is the compute container's (QEMU's): no --map-dir needed.
+    assert "map-path=/var/run/kubevirt-hooks/hook-sidecar-0/cni-netkit/netkit-fast:c1:net1," \
+        in nic.qemu_netdev
+    assert (nic.name, nic.mac, nic.queues) == ("fast", MAC, 1)
+
+
+def test_lease_files_are_matched_by_mac_too_and_come_before_the_other_sources(
+        tmp_path: Path) -> None:
+    shapes.write_plugin_lease_file(tmp_path, "pod1234", mac=MAC)
+    write_annotation(tmp_path / "leases", shapes.lease_entry("pod1234", mac=MAC))
+    (nic,) = leases.wait_for_leases([Interface("fast", MAC, None)], network_info=None,
+                                    leases=str(tmp_path / "leases"),
+                                    leases_dir=str(tmp_path), timeout=0)
+    assert "/var/run/kubevirt-hooks/hook-sidecar-0/" in nic.qemu_netdev
+
+
+def test_the_sidecar_reads_the_format_the_plugin_writes() -> None:
+    from cni_netkit.plugin import leasefile  # noqa: PLC0415 - the sidecar may not import it
+
+    assert leases.LEASE_FILE_FORMAT == leasefile.FORMAT
+    assert Path(leasefile.file_name("net1")).match(leases.LEASE_FILE_GLOB)
+
+
+def test_a_lease_file_of_another_format_is_an_error_not_a_wait(tmp_path: Path) -> None:
+    (tmp_path / "cni-netkit-net1.json").write_text(json.dumps(
+        {"format": "cni-netkit.dev/lease/v2", "lease": {}}))
+    with pytest.raises(LeaseError, match=r"is not a cni-netkit\.dev/lease/v1 lease file"):
+        leases.wait_for_leases([Interface("fast", MAC, "net1")], network_info=None,
+                               leases=None, leases_dir=str(tmp_path), timeout=30)
+
+
+def test_a_lease_file_that_appears_late_is_waited_for_and_a_missing_one_named(
+        tmp_path: Path) -> None:
+    clock = Clock()
+    clock.on_sleep = [None, lambda: shapes.write_plugin_lease_file(tmp_path, "net1", mac=MAC)]
+    (nic,) = leases.wait_for_leases([Interface("fast", MAC, "net1")], network_info=None,
+                                    leases=None, leases_dir=str(tmp_path), timeout=10,
+                                    clock=clock, sleep=clock.sleep)
+    assert nic.name == "fast" and clock.now == pytest.approx(1.0)
+    with pytest.raises(LeaseError) as err:
+        leases.wait_for_leases([Interface("slow", "02:00:00:00:00:77", "net2")], network_info=None,
+                               leases=None, leases_dir=str(tmp_path), timeout=0)
+    assert f"lease files {tmp_path}/cni-netkit-*.json have ['net1']" in str(err.value)
+    assert "xskMapSubdir" in str(err.value)
+
+
+def test_a_lease_file_without_afxdp_fails_at_once_with_the_plugins_reason(
+        tmp_path: Path) -> None:
+    entry = shapes.lease_entry("net1", mac=MAC)
+    for key in ("qemuNetdev", "mapPath", "mapStartIndex", "xskMode"):
+        del entry[key]
+    entry["afxdpUnavailable"] = "master ens1f0np0 has no cni-netkit XDP program"
+    (tmp_path / "cni-netkit-net1.json").write_text(json.dumps(
+        {"format": leases.LEASE_FILE_FORMAT, "owner": {}, "lease": entry}))
+    clock = Clock()
+    with pytest.raises(LeaseError, match="cannot carry AF_XDP: master ens1f0np0 has no"):
+        leases.wait_for_leases([Interface("fast", MAC, "net1")], network_info=None,
+                               leases=None, leases_dir=str(tmp_path), timeout=30,
+                               clock=clock, sleep=clock.sleep)
+    assert clock.now == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,11 @@ class Launcher:
         """(socket, Info result, negotiated version) of every socket in the hooks dir."""
         out = []
         for path in sorted(Path(self.hooks_dir).iterdir()):
+            # virt-launcher dials every entry; one that is no socket (the plugin's lease
+            # file, its bpffs directory) fails to dial, counts as "not ready" and is
+            # retried only until the requested sidecars answered.
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                continue
             socket = str(path)
             info = self._call(socket, "/kubevirt.hooks.info.Info/Info",
                               self.info_pb.InfoParams(), self.info_pb.InfoResult, timeout=1)
@@ -91,7 +97,8 @@ def serve_sidecar(**settings: Any) -> Iterator[Sidecar]:
     leases_file = root / "leases"
     leases_file.write_text("")
     settings = server.Settings(network_info=str(root / "network-info"),
-                               leases=str(leases_file), wait=1.0, **settings)
+                               leases=str(leases_file), leases_dir=hooks_dir, wait=1.0,
+                               **settings)
     grpc_server, hooks = server.serve(settings, hooks_dir)
     try:
         yield Sidecar(hooks_dir, leases_file, hooks, Launcher(hooks_dir))
@@ -212,7 +219,7 @@ def test_the_entry_point_serves_until_shutdown_and_exits_0() -> None:
         (root / "leases").write_text(json.dumps([shapes.lease_entry("net1", mac=MAC)]))
         proc = subprocess.Popen(
             [str(REPO / ".venv" / "bin" / "cni-netkit"), "kubevirt-binding",
-             "--hooks-dir", str(root / "hooks"), "--network-info", "",
+             "--hooks-dir", str(root / "hooks"), "--network-info", "", "--leases-dir", "",
              "--leases", str(root / "leases"), "--map-dir", "/var/run/netkit/xsk"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -247,3 +254,32 @@ def test_other_subcommands_never_load_grpc() -> None:
             "assert not {m for m in sys.modules if m.split('.')[0] in ('grpc', 'google')}, "
             "sorted(m for m in sys.modules if m.startswith(('grpc', 'google')))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_the_lease_file_beside_the_socket_gives_the_nic(sidecar: Sidecar) -> None:
+    # As in a launcher pod: the plugin's file sits in the sidecar's hooks directory
+    # (hook-sidecar-0 of the volume), beside the sidecar's socket.
+    shapes.write_plugin_lease_file(Path(sidecar.hooks_dir), "net1", mac=MAC)
+    assert len(sidecar.launcher.collect()) == 1
+    out = sidecar.launcher.on_define_domain(
+        shapes.domain_xml(), shapes.vmi_json({"fast": MAC}, pod_interfaces={"fast": "net1"}))
+    assert_valid_domain(out)
+    assert ",map-path=/var/run/kubevirt-hooks/hook-sidecar-0/cni-netkit/netkit-fast:c1:net1," \
+        in qemu_args(out)[1]
+
+
+def test_the_leases_dir_defaults_to_the_hooks_dir_and_follows_its_env(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse  # noqa: PLC0415
+
+    from cni_netkit.kubevirt import main  # noqa: PLC0415
+
+    def parsed(*argv: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        main.add_arguments(parser)
+        return parser.parse_args(list(argv))
+
+    assert parsed().leases_dir == "/var/run/kubevirt-hooks" == server.HOOKS_DIR
+    monkeypatch.setenv("CNI_NETKIT_LEASES_DIR", "/elsewhere")
+    assert parsed().leases_dir == "/elsewhere"
+    assert parsed("--leases-dir", "").leases_dir == ""

@@ -23,12 +23,13 @@ from cni_netkit.agent.publish import (
     resource_name,
 )
 from cni_netkit.config import NetConf
-from cni_netkit.kubevirt.leases import DEFAULT_BINDING
+from cni_netkit.kubevirt.leases import DEFAULT_BINDING, LEASES_DIR
 from cni_netkit.plugin.state import Attachment, LeasedQueue
 
 from .loader import MANIFESTS, Doc, docs, find, validate
 
 ALL = docs()
+NAD, KUBEVIRT = "examples/nad.yaml", "examples/kubevirt.yaml"
 AGENT_IMAGE = "ghcr.io/cni-netkit/cni-netkit:0.1.0"
 
 
@@ -201,7 +202,7 @@ def pools_document() -> dict[str, Any]:
 
 
 def nad_plugin() -> dict[str, Any]:
-    conf = json.loads(find("NetworkAttachmentDefinition")["spec"]["config"])
+    conf = json.loads(find("NetworkAttachmentDefinition", NAD)["spec"]["config"])
     (plugin,) = conf["plugins"]
     # What libcni hands the plugin from a conflist: name and version injected.
     return {"cniVersion": conf["cniVersion"], "name": conf["name"], **plugin}
@@ -223,7 +224,7 @@ def test_nad_config_is_one_the_plugin_accepts() -> None:
 
 
 def test_nad_resource_name_and_pool_agree_with_the_agent_config() -> None:
-    nad = find("NetworkAttachmentDefinition")
+    nad = find("NetworkAttachmentDefinition", NAD)
     conf = NetConf.model_validate(nad_plugin())
     (pool,) = [p for p in pools_for_node(pools_document(), "any-node") if p.master == conf.master]
     annotated = nad["metadata"]["annotations"]["k8s.v1.cni.cncf.io/resourceName"]
@@ -242,7 +243,7 @@ def qemu_pod() -> dict[str, Any]:
 def test_qemu_pod_requests_the_pool_and_reads_the_annotation_from_a_volume() -> None:
     pod = qemu_pod()
     (c,) = pod["spec"]["containers"]
-    nad = find("NetworkAttachmentDefinition")
+    nad = find("NetworkAttachmentDefinition", NAD)
     resource = nad["metadata"]["annotations"]["k8s.v1.cni.cncf.io/resourceName"]
     assert is_extended_resource_name(resource)
     assert c["resources"]["limits"][resource] == "1"
@@ -361,10 +362,27 @@ def test_kubevirt_vmi_uses_the_registered_binding_on_the_nad() -> None:
     assert interfaces.keys() == networks.keys()
     (fast,) = [i for i in interfaces.values() if "binding" in i]
     assert fast["binding"]["name"] in registered
-    nad = find("NetworkAttachmentDefinition")
+    nad = find("NetworkAttachmentDefinition", KUBEVIRT)
     meta = nad["metadata"]
     assert networks[fast["name"]]["multus"]["networkName"] == f"{meta['namespace']}/{meta['name']}"
     assert registered[fast["binding"]["name"]]["downwardAPI"] == "device-info"
+
+
+def test_the_kubevirt_nad_delivers_map_and_lease_where_qemu_and_the_sidecar_look() -> None:
+    nad = find("NetworkAttachmentDefinition", KUBEVIRT)
+    conf = json.loads(nad["spec"]["config"])
+    (plugin,) = conf["plugins"]
+    net = NetConf.model_validate({"cniVersion": conf["cniVersion"], "name": conf["name"],
+                                  **plugin})
+    # The launcher pod's hooks emptyDir: whole in the compute container (QEMU) and
+    # hook-sidecar-0 of it in the first hook sidecar, both at the sidecar's leases dir.
+    assert (net.xsk_map_volume, net.xsk_map_subdir) == ("hook-sidecar-sockets", "hook-sidecar-0")
+    assert net.xsk_map_mount_path == LEASES_DIR
+    assert net.xsk_map_owner == "107:107" and net.queues_per_attachment == 1
+    plain = NetConf.model_validate(nad_plugin())  # the same pool as nad.yaml's
+    assert (net.master, net.queues) == (plain.master, plain.queues)
+    assert (nad["metadata"]["annotations"]["k8s.v1.cni.cncf.io/resourceName"]
+            == resource_name(net.master))
 
 
 def test_the_documented_annotation_example_is_what_the_agent_writes() -> None:

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from cni_netkit.agent.publish import lease_entry
 from cni_netkit.config import Invocation, parse_invocation
 from cni_netkit.errors import CheckFailed, InterfaceExists, InvalidConfig
 from cni_netkit.kernel.types import Link
 from cni_netkit.plugin import commands
+from cni_netkit.plugin.leasefile import lease_entry
 from cni_netkit.plugin.state import Attachment, Owner, StateStore
 from tests.unit.fake_kernel import POD, FakeKernel
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from cni_netkit.agent.publish import lease_entry
 from cni_netkit.config import parse_invocation
 from cni_netkit.errors import InvalidConfig, InvalidEnvironment
 from cni_netkit.kernel import xsk
 from cni_netkit.kernel.xsk import Wiring, XskMap, XskSlot
 from cni_netkit.plugin import afxdp, commands
+from cni_netkit.plugin.leasefile import lease_entry
 from cni_netkit.plugin.state import Attachment, LeasedQueue, Owner, StateStore
 from cni_netkit.result import NetkitQueue, NetkitResult, Result
 from tests.unit.fake_kernel import FakeKernel
@@ -349,7 +349,7 @@ def test_del_after_an_add_killed_past_delivery_undelivers_the_pods_pin(
     uid = "0f9d6c1e-7b7a-4c1e-9a53-2b8c1d0e4f11"
     cfg = add_inv(tmp_path / "state", **delivering(tmp_path, uid=uid)).config
     undelivered: list[Path] = []
-    monkeypatch.setattr(afxdp, "_undeliver", undelivered.append)
+    monkeypatch.setattr(afxdp, "_undeliver", lambda _, at, owner: undelivered.append(at))
     intent = Attachment(container_id="c1", ifname="net1", netns="/x", network="afxdp",
                         master="eth0", pairing="single", mode="l2", mac=None, mtu=None,
                         queues=(), pod_namespace="vms", pod_name="vm-a",
