@@ -7,7 +7,8 @@ libvirt 9.0 and QEMU 7.2: libvirt accepts the domain, passes our
 places on the root bus takes the slot the sidecar chose; and ``virsh define``
 + ``start --paused`` has QEMU realize every device, our NICs at their slots
 (with each af-xdp netdev swapped for a hub port: QEMU 7.2 has no af-xdp; the
-VM's QEMU has af-xdp but no q35 or virtio-net-pci: docs/kubevirt.md).
+VM runs the domain with its af-xdp netdev under sid's libvirt and the af-xdp
+QEMU: tests/e2e/test_kubevirt_binding.py).
 
 Two differences from a KubeVirt node's domain, both forced by this host:
 ``type="qemu"`` (KubeVirt's domain with ``useEmulation``; there is no KVM)
