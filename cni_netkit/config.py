@@ -7,7 +7,6 @@ Order of checks: the command, the stdin JSON (6), ``cniVersion`` (1), the
 environment (4), ``CNI_ARGS`` (4/2), then the config itself (7).
 """
 
-from __future__ import annotations
 
 import json
 import posixpath
@@ -366,7 +365,7 @@ class NetConf(BaseModel):
             raise ValueError(f"cni.mac: {e}") from None
 
     @model_validator(mode="after")
-    def _consistent(self) -> NetConf:
+    def _consistent(self) -> "NetConf":
         if self.queues_per_attachment > len(self.queues):
             raise ValueError(
                 f"queuesPerAttachment: {self.queues_per_attachment} is more than the "

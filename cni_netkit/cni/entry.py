@@ -29,7 +29,7 @@ from cni_netkit.cni import client
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from typing import IO, Any, BinaryIO
+    from typing import IO, Any, BinaryIO, Final
 
     from structlog.typing import FilteringBoundLogger
 
@@ -121,7 +121,45 @@ def _run_cold(stdin: BinaryIO | None, out: IO[str]) -> int:
 
     logs.skip_optional_extras()
     os.environ.setdefault(*_PYDANTIC_NO_PLUGINS)
+    skip_unused_imports()
     return run(os.environ, stdin, out)
+
+
+# What a cold invocation imports only because a library imports it at module
+# level for a feature we never use (measured with -X importtime, docs/performance.md).
+# ssl: asyncio (which pyroute2's netlink core needs) imports it inside
+# ``try/except ImportError`` for TLS transports; the CNI executable speaks no TLS.
+_UNUSED_OPTIONAL: Final = ("ssl",)
+# pydantic's plugin loader imports importlib.metadata (and with it zipfile,
+# shutil, email, csv, ...) at module level, before it looks at
+# PYDANTIC_DISABLE_PLUGINS; with plugins disabled its get_plugins() returns ().
+_PYDANTIC_LOADER: Final = "pydantic.plugin._loader"
+_PLUGINS_DISABLED: Final = ("__all__", "1", "true")  # pydantic's own test in get_plugins
+
+
+def skip_unused_imports() -> None:
+    """Keep this process from importing what it cannot use (cold path only).
+
+    Both measures change what is imported, never what runs: ``ssl`` becomes an
+    import that fails (the documented ``None`` entry in ``sys.modules``), which
+    asyncio handles by having no TLS; pydantic's plugin loader, when plugins are
+    disabled, is replaced by a module whose ``get_plugins`` answers what the
+    real one answers then: no plugins.  Modules already imported are left
+    alone, so a long-lived process that imported either keeps the real one.
+    """
+    for name in _UNUSED_OPTIONAL:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]  # None: import fails
+    if (
+        os.environ.get(_PYDANTIC_NO_PLUGINS[0]) in _PLUGINS_DISABLED
+        and _PYDANTIC_LOADER not in sys.modules
+    ):
+        loader = type(sys)(_PYDANTIC_LOADER, "pydantic plugins are disabled (cni_netkit.cni.entry)")
+        loader.get_plugins = _no_plugins  # type: ignore[attr-defined]
+        sys.modules[_PYDANTIC_LOADER] = loader
+
+
+def _no_plugins() -> tuple[()]:
+    return ()
 
 
 def _lost(lost: client.AgentLost, data: bytes) -> tuple[dict[str, Any], int]:

@@ -494,3 +494,83 @@ def test_any_input_yields_one_valid_reply_or_nothing(
         assert isinstance(got["msg"], str)
         assert got["msg"]
         assert isinstance(got["details"], str)
+
+
+# --- what a cold invocation leaves unimported ---------------------------------------------------
+
+COLD_IMPORTS = """
+    import io, json, os, sys
+    from cni_netkit.cni import entry
+    from cni_netkit import logs
+    logs.skip_optional_extras()
+    os.environ.setdefault(*entry._PYDANTIC_NO_PLUGINS)
+    if os.environ.get("SKIP") == "1":
+        entry.skip_unused_imports()
+    # Everything a cold ADD loads: the config models, structlog, the plugin and
+    # kernel layers with pyroute2 (whose netlink core imports asyncio), the way
+    # the kernel layer loads it (without pyroute2's package __init__).
+    from cni_netkit.config import parse_invocation
+    from cni_netkit.plugin import commands, afxdp, deviceinfo, leasefile
+    from cni_netkit.kernel import Kernel
+    import cni_netkit.kernel.api, cni_netkit.kernel.netdev, cni_netkit.kernel.netkit
+    import pyroute2.netlink.nlsocket, asyncio
+    with Kernel() as k:  # the sockets a command opens
+        pass
+    inv = parse_invocation(json.loads(os.environ["ENVIRON"]), os.environ["CONF"].encode())
+    logs.configure(); logs.get_logger().info("hello")
+    print(json.dumps({
+        "loaded": [m for m in ("ssl", "importlib.metadata", "zipfile", "email")
+                   if sys.modules.get(m)],
+        "config": inv.config.model_dump(mode="json"),
+        "tls": asyncio.base_events.ssl is not None,
+    }))
+"""
+
+
+@pytest.mark.parametrize("skip", ["0", "1"])
+def test_cold_path_never_imports_tls_or_package_metadata_and_parses_the_same(skip: str) -> None:
+    conf = conf_bytes().decode()
+    got = _script(COLD_IMPORTS, {"SKIP": skip, "ENVIRON": json.dumps(ENV), "CONF": conf})
+    assert got.returncode == 0, got.stderr
+    report = json.loads(got.stdout)
+    if skip == "1":
+        assert report["loaded"] == []
+        assert report["tls"] is False  # asyncio without TLS, by its own ImportError branch
+    else:  # the control: without the cut, these are what the libraries pull in
+        assert set(report["loaded"]) >= {"ssl", "importlib.metadata"}
+    baseline = _script(COLD_IMPORTS, {"SKIP": "0", "ENVIRON": json.dumps(ENV), "CONF": conf})
+    assert json.loads(baseline.stdout)["config"] == report["config"]
+
+
+def test_pydantics_loader_answers_what_the_stand_in_answers_when_plugins_are_disabled() -> None:
+    script = """
+        import os, sys, json
+        os.environ["PYDANTIC_DISABLE_PLUGINS"] = os.environ["VALUE"]
+        from pydantic.plugin import _loader
+        from pydantic.plugin import _schema_validator
+        import inspect
+        print(json.dumps({
+            "plugins": list(_loader.get_plugins()),
+            # the seam the stand-in replaces: the one name pydantic takes from it
+            "seam": "from ._loader import get_plugins" in inspect.getsource(_schema_validator),
+        }))
+    """
+    for value in entry._PLUGINS_DISABLED:
+        got = _script(script, {"VALUE": value})
+        assert got.returncode == 0, got.stderr
+        assert json.loads(got.stdout) == {"plugins": [], "seam": True}
+        assert entry._no_plugins() == ()
+
+
+def test_skip_unused_imports_leaves_loaded_modules_and_enabled_plugins_alone() -> None:
+    script = """
+        import os, sys, json
+        import ssl
+        from cni_netkit.cni import entry
+        os.environ["PYDANTIC_DISABLE_PLUGINS"] = "some_plugin"  # a list: the real loader decides
+        entry.skip_unused_imports()
+        print(json.dumps([sys.modules["ssl"] is ssl, "pydantic.plugin._loader" in sys.modules]))
+    """
+    got = _script(script, {})
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout) == [True, False]
