@@ -25,6 +25,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -350,7 +351,13 @@ class Kernel:
                 self.set_link(peer_link.index, netns=spec.peer.netns, alias=spec.peer.alias)
                 _step(step, "create:peer-named")
             undo.pop_all()
-        return self.link(created.index, netns=spec.netns) or created
+        # What the kernel just acknowledged, without reading the link back a third
+        # time (an RTM_GETLINK and its decode: ~7 ms of a warm ADD in the test VM).
+        return replace(
+            created,
+            name=spec.name,
+            alias=spec.alias if spec.alias is not None else created.alias,
+        )
 
     def set_link(
         self,

@@ -89,7 +89,8 @@ def add(inv: Invocation, kernel: KernelAPI) -> Result:
     if kernel.link(device, netns=netns) is not None:
         raise InterfaceExists(f"interface {device} already exists in netns {netns}",
                               _exists_hint(cfg, device, netns))
-    master = _master(kernel, cfg.master)
+    # The lookup the allow-list check made (one RTM_GETLINK less per ADD; ~8 ms in the VM).
+    master = declared if declared is not None else _master(kernel, cfg.master)
     if not master.up:
         # A down master lists no queues: without this, ADD would call its pool exhausted.
         raise TryAgainLater(f"master {cfg.master} is down",

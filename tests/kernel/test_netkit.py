@@ -76,6 +76,28 @@ def test_pair_l3_netkit_reads_back_on_both_sides(
     assert peer.link_netnsid == kernel.netns_id(None, netns=pod)
 
 
+@pytest.mark.parametrize("pairing", ["single", "pair"])
+def test_a_netkit_made_under_a_staging_name_is_returned_as_the_kernel_has_it(
+    kernel: Kernel, make_netns: Callable[[], str], defer: Defer, pairing: str
+) -> None:
+    """create_netkit returns the renamed, aliased link without reading it back: it must
+    equal what the kernel reports afterwards, field for field."""
+    pod = make_netns()
+    peer = None
+    if pairing == "pair":
+        peer = PeerSpec(name="nks-peer0", netns=pod, num_rx_queues=2, alias="peer alias")
+    spec = NetkitSpec(
+        name="nks0" if pairing == "pair" else "eth0", netns=None if peer else pod,
+        pairing=pairing, mode="l2", num_rx_queues=1 if peer else 2, alias="owner alias",
+        staging_name="nkstage0", peer=peer,
+    )
+    created = kernel.create_netkit(spec)
+    defer(kernel.delete_link, created.index, netns=spec.netns)
+    assert (created.name, created.alias) == (spec.name, "owner alias")
+    assert kernel.link(created.index, netns=spec.netns) == created
+    assert kernel.link("nkstage0", netns=spec.netns) is None
+
+
 def test_pair_l2_peer_gets_its_mac(kernel: Kernel, defer: Defer) -> None:
     primary = kernel.create_netkit(
         NetkitSpec(

@@ -55,6 +55,7 @@ class FakeKernel:
         self.foreign_in_use: set[int] = set()  # master queues bound by AF_XDP etc.
         self.fail: dict[str, Exception] = {}  # method name -> exception to raise once
         self.calls: list[str] = []
+        self.link_lookups: list[tuple[str | int, str | None]] = []  # (name or index, netns)
         self.open_netns: set[str] = set()  # netns it would hold sockets in (links())
         self.most_open_netns = 0
         self.support = KernelSupport("7.2.13", True, True, True)
@@ -108,6 +109,7 @@ class FakeKernel:
             raise InvalidNetns(f"{path} is not a network namespace")
 
     def link(self, name_or_index: str | int, *, netns: str | None = None) -> Link | None:
+        self.link_lookups.append((name_or_index, netns))
         for fl in self.devices.values():
             if fl.netns == netns and name_or_index in (fl.link.name, fl.link.index):
                 return fl.link
