@@ -151,7 +151,7 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 # --- how our executable is started ------------------------------------------------------
 
 
-def lean_launcher(directory: Path) -> Path:
+def lean_launcher(directory: Path, repo: Path = REPO, name: str = "netkit-lean") -> Path:
     """A ``netkit`` started with ``python -S`` and an explicit sys.path.
 
     What the venv's console script does minus site processing: the venv's
@@ -160,11 +160,11 @@ def lean_launcher(directory: Path) -> Path:
     production install has.  The cold path still finds pydantic & co.
     """
     purelib = sysconfig.get_paths()["purelib"]
-    path = directory / "netkit-lean"
+    path = directory / name
     path.write_text(
         f"#!{sys.executable} -S\n"
         "import sys\n"
-        f"sys.path[:0] = [{str(REPO)!r}, {purelib!r}]\n"
+        f"sys.path[:0] = [{str(repo)!r}, {purelib!r}]\n"
         "from cni_netkit.cni.entry import main\n"
         "main()\n"
     )

@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,9 +38,11 @@ from bench.common import (
     Run,
     flavours,
     importtime_by_package,
+    lean_launcher,
     peak_rss_kb,
     run_many,
     run_one,
+    shim_launcher,
     summary,
     write_json,
 )
@@ -222,6 +225,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="concurrent rounds (warm, Go)")
     parser.add_argument("--scale-samples", type=int, default=30)
     parser.add_argument("--artifact")
+    parser.add_argument("--cold-baseline", type=Path,
+                        help="another checkout of cni-netkit: its cold ADD is measured beside "
+                             "ours, interleaved (a before/after of a cold-path change)")
     parser.add_argument("--warm-flavours", default="",
                         help="comma-separated starts to measure warm (default: all)")
     parser.add_argument("--parts", default=",".join(PARTS),
@@ -282,16 +288,7 @@ def main() -> int:
                                   f"warm {flavour}", argv, base, warm_env))
         scenarios.append(Scenario(f"netkit pair+host-local warm ({flavour})", "pair+host-local",
                                   f"warm {flavour}", argv, pair, warm_env))
-    # Cold as installed: the thin client, told not to use the agent, execs the plugin
-    # beside it (netkit-plugin: here the python -S launcher); the venv's console script
-    # (its .pth files load the editable finder at every start) only without the shim.
-    cold_start = "shim" if "shim" in starts else "venv"
-    cold = [
-        Scenario(f"netkit single cold ({cold_start})", "single", f"cold {cold_start}",
-                 starts[cold_start], base, cold_env),
-        Scenario(f"netkit pair+host-local cold ({cold_start})", "pair+host-local",
-                 f"cold {cold_start}", starts[cold_start], pair, cold_env),
-    ]
+    cold = cold_scenarios(starts, base, pair, cold_env, args.cold_baseline)
     control: dict[str, Any] = {}
     if "control" in parts:
         control = measure_control(args, scenarios, cold, go, agent)
@@ -318,6 +315,29 @@ def main() -> int:
         "params": vars(args) | {"out": str(args.out)},
     })
     return 0
+
+
+def cold_scenarios(starts: dict[str, list[str]], base: dict[str, Any], pair: dict[str, Any],
+                   cold_env: dict[str, str], baseline_tree: Path | None) -> list[Scenario]:
+    """The cold scenarios: ours as installed, and another checkout's beside it when asked."""
+    # Cold as installed: the thin client, told not to use the agent, execs the plugin
+    # beside it (netkit-plugin: here the python -S launcher); the venv's console script
+    # (its .pth files load the editable finder at every start) only without the shim.
+    cold_start = "shim" if "shim" in starts else "venv"
+    cold = [
+        Scenario(f"netkit single cold ({cold_start})", "single", f"cold {cold_start}",
+                 starts[cold_start], base, cold_env),
+        Scenario(f"netkit pair+host-local cold ({cold_start})", "pair+host-local",
+                 f"cold {cold_start}", starts[cold_start], pair, cold_env),
+    ]
+    if baseline_tree is not None:
+        (WORK / "baseline").mkdir(parents=True, exist_ok=True)
+        baseline = shim_launcher(WORK / "baseline", lean_launcher(
+            WORK, baseline_tree.resolve(), "netkit-lean-baseline"))
+        if baseline is not None:
+            cold.append(Scenario("netkit single cold (shim, baseline tree)", "single",
+                                 "cold baseline", [str(baseline)], base, cold_env))
+    return cold
 
 
 def measure_control(args: argparse.Namespace, scenarios: list[Scenario], cold: list[Scenario],
@@ -485,14 +505,41 @@ def measure_phases(nic: str) -> dict[str, Any]:
     return got
 
 
+# The cold path's floor set by the chosen libraries alone: a lean process (as the
+# installed plugin starts) that loads them the way a cold ADD does (the same skipped
+# imports, pyroute2's message classes without its package __init__; structlog brings
+# asyncio) and builds one pydantic model and one structlog logger -- none of
+# cni-netkit's own models, records or kernel code.
+LIBRARIES_ONLY = """
+import os, sys
+sys.path[:0] = [{repo!r}, {purelib!r}]
+os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
+for name in ("rich", "better_exceptions", "colorama"):
+    sys.modules[name] = None
+from cni_netkit.cni.entry import skip_unused_imports
+skip_unused_imports()
+from pydantic import BaseModel
+class M(BaseModel):
+    x: int
+M(x=1)
+import structlog
+structlog.get_logger().bind(x=1)
+from cni_netkit.kernel import _pyroute2
+_pyroute2.install()
+import pyroute2.netlink.rtnl.ifinfmsg, pyroute2.netlink.rtnl.rtmsg  # what a cold ADD loads
+"""
+
+
 def measure_floors(go: Path) -> dict[str, Any]:
     """What starting a process costs here, before any plugin work: the floors of each path."""
     floors = {}
     venv_python = str(REPO / ".venv" / "bin" / "python")
+    libraries = LIBRARIES_ONLY.format(repo=str(REPO), purelib=sysconfig.get_paths()["purelib"])
     for label, argv in (
         ("go macvlan VERSION", [str(go / "macvlan")]),
         ("python -S -c pass", [venv_python, "-S", "-c", "pass"]),
         ("python -c pass (venv site)", [venv_python, "-c", "pass"]),
+        ("python -S, pydantic + structlog + pyroute2 only", [venv_python, "-S", "-c", libraries]),
     ):
         runs = [run_one(argv, {"PATH": PATH, "CNI_COMMAND": "VERSION"}, b'{"cniVersion":"1.0.0"}')
                 for _ in range(10)]
