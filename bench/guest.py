@@ -225,7 +225,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="concurrent rounds (warm, Go)")
     parser.add_argument("--scale-samples", type=int, default=30)
     parser.add_argument("--artifact")
-    parser.add_argument("--cold-baseline", type=Path,
+    parser.add_argument("--cold-baseline",
                         help="another checkout of cni-netkit: its cold ADD is measured beside "
                              "ours, interleaved (a before/after of a cold-path change)")
     parser.add_argument("--warm-flavours", default="",
@@ -318,7 +318,7 @@ def main() -> int:
 
 
 def cold_scenarios(starts: dict[str, list[str]], base: dict[str, Any], pair: dict[str, Any],
-                   cold_env: dict[str, str], baseline_tree: Path | None) -> list[Scenario]:
+                   cold_env: dict[str, str], baseline_tree: str | None) -> list[Scenario]:
     """The cold scenarios: ours as installed, and another checkout's beside it when asked."""
     # Cold as installed: the thin client, told not to use the agent, execs the plugin
     # beside it (netkit-plugin: here the python -S launcher); the venv's console script
@@ -333,7 +333,7 @@ def cold_scenarios(starts: dict[str, list[str]], base: dict[str, Any], pair: dic
     if baseline_tree is not None:
         (WORK / "baseline").mkdir(parents=True, exist_ok=True)
         baseline = shim_launcher(WORK / "baseline", lean_launcher(
-            WORK, baseline_tree.resolve(), "netkit-lean-baseline"))
+            WORK, Path(baseline_tree).resolve(), "netkit-lean-baseline"))
         if baseline is not None:
             cold.append(Scenario("netkit single cold (shim, baseline tree)", "single",
                                  "cold baseline", [str(baseline)], base, cold_env))
