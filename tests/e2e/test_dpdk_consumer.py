@@ -190,15 +190,17 @@ def test_a_two_queue_attachment_is_one_testpmd_port_per_queue(
 # limits (2-64 MiB) in the VM: fewer than 2048 mbufs cannot fill the PMD's fill ring
 # ("Failed to configure xdp socket" at any limit); 2048 start (within 10 MiB, not 8)
 # but receive nothing (every rx burst is short of mbufs); 3072 work within 16 MiB
-# (12 refused); 4096 start within 24 MiB, 8192 within 48 (one port each).
-MIN_MBUFS, MIN_MEMLOCK = 3072, 16 << 20
+# (12 refused) but, at the edge, drop frames when the machine is loaded (41 of 50 on a
+# fresh-machine run); 4096 start within 24 MiB, 8192 within 48 (one port each).
+MIN_MBUFS = 3072  # refused within the runtime's limit
+WORKING_MBUFS, WORKING_MEMLOCK = 4096, 24 << 20  # receives every frame of its queue
 
 
 def test_testpmds_smallest_pool_per_queue_and_the_runtimes_memlock(
     steered: Nic, root: Path, make_netns: Any, runtime: Runtime
 ) -> None:
-    """The memlock one testpmd queue needs: its smallest working pool (MIN_MBUFS) receives
-    every frame of its queue within MIN_MEMLOCK, and that pool's UMEM registration is
+    """The memlock one testpmd queue needs: a pool with margin (WORKING_MBUFS) receives
+    every frame of its queue within WORKING_MEMLOCK, and the smallest pool's UMEM registration is
     refused within the runtime's default RLIMIT_MEMLOCK (8 MiB): a DPDK pod needs a raised
     limit or CAP_IPC_LOCK, as QEMU does (docs/af_xdp.md, "Memlock")."""
     conf = runtime.conf(steered.name, queues="1-4", queuesPerAttachment=1,
@@ -215,7 +217,7 @@ def test_testpmds_smallest_pool_per_queue_and_the_runtimes_memlock(
     assert refused.returncode != 0 and (
         "Failed to create umem [105]: [No buffer space available]" in text), text
 
-    pmd = start_testpmd(netns, nk["dpdkVdev"], 1, memlock=MIN_MEMLOCK, mbufs=MIN_MBUFS)
+    pmd = start_testpmd(netns, nk["dpdkVdev"], 1, memlock=WORKING_MEMLOCK, mbufs=WORKING_MBUFS)
     try:
         deadline = time.monotonic() + 120
         while xsk.verdict(steered.name, q, FRAME) != XDP_REDIRECT:
@@ -229,7 +231,7 @@ def test_testpmds_smallest_pool_per_queue_and_the_runtimes_memlock(
             pmd.kill()
             pmd.wait()
     assert pmd.returncode == 0, stats
-    print(json.dumps({"mbufs": MIN_MBUFS, "memlock MiB": MIN_MEMLOCK >> 20,
+    print(json.dumps({"mbufs": WORKING_MBUFS, "memlock MiB": WORKING_MEMLOCK >> 20,
                       "received": per_queue(stats)}))
     assert per_queue(stats) == {0: FRAMES_PER_QUEUE}, stats
     out = runtime("DEL", {**conf, "prevResult": out.json}, container_id="c-vm-a", netns=netns,
