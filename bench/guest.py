@@ -46,6 +46,8 @@ from bench.common import (
     summary,
     write_json,
 )
+from cni_netkit import logs
+from cni_netkit.cni import entry
 
 NSIM = Path("/sys/bus/netdevsim")
 WORK = Path("/run/bench")
@@ -513,8 +515,8 @@ def measure_phases(nic: str) -> dict[str, Any]:
 LIBRARIES_ONLY = """
 import os, sys
 sys.path[:0] = [{repo!r}, {purelib!r}]
-os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
-for name in ("rich", "better_exceptions", "colorama"):
+os.environ[{no_plugins[0]!r}] = {no_plugins[1]!r}
+for name in {extras!r}:
     sys.modules[name] = None
 from cni_netkit.cni.entry import skip_unused_imports
 skip_unused_imports()
@@ -534,7 +536,10 @@ def measure_floors(go: Path) -> dict[str, Any]:
     """What starting a process costs here, before any plugin work: the floors of each path."""
     floors = {}
     venv_python = str(REPO / ".venv" / "bin" / "python")
-    libraries = LIBRARIES_ONLY.format(repo=str(REPO), purelib=sysconfig.get_paths()["purelib"])
+    # The cold path's own settings (entry, logs), not copies of them.
+    libraries = LIBRARIES_ONLY.format(repo=str(REPO), purelib=sysconfig.get_paths()["purelib"],
+                                      no_plugins=entry._PYDANTIC_NO_PLUGINS,
+                                      extras=logs.OPTIONAL_EXTRAS)
     for label, argv in (
         ("go macvlan VERSION", [str(go / "macvlan")]),
         ("python -S -c pass", [venv_python, "-S", "-c", "pass"]),
