@@ -334,22 +334,34 @@ class Kernel:
         if created is None:
             raise KernelError(f"netkit {made_as}{_in(spec.netns)} missing right after creation")
         # rtnetlink ignores IFLA_IFALIAS when creating: set it afterwards (with
-        # the final name, in one request), undoing the creation if that fails.
+        # the final name and the admin state, in one request), undoing the
+        # creation if that fails. do_setlink renames before it changes flags.
+        up = True if spec.up else None
+        peer_link: Link | None = None
         with ExitStack() as undo:
             undo.callback(self.delete_link, created.index, netns=spec.netns)
             rename = spec.name if made_as != spec.name else None
-            if spec.alias is not None or rename is not None:
-                self.set_link(created.index, netns=spec.netns, alias=spec.alias, name=rename)
+            if spec.alias is not None or rename is not None or up:
+                self.set_link(created.index, netns=spec.netns, alias=spec.alias, name=rename, up=up)
                 _step(step, "create:named")
-            if spec.peer is not None and spec.peer.alias is not None:
+            if spec.peer is not None:
+                # looked up once, here: the caller gets it back as ``peer``
                 peer_link = self.link(spec.peer.name, netns=spec.peer.netns)
                 if peer_link is None:
                     raise KernelError(
                         f"netkit peer {spec.peer.name}{_in(spec.peer.netns)} missing right "
                         "after creation"
                     )
-                self.set_link(peer_link.index, netns=spec.peer.netns, alias=spec.peer.alias)
-                _step(step, "create:peer-named")
+                peer_up = True if spec.peer.up else None
+                if spec.peer.alias is not None or peer_up:
+                    self.set_link(peer_link.index, netns=spec.peer.netns, alias=spec.peer.alias,
+                                  up=peer_up)
+                    _step(step, "create:peer-named")
+                    peer_link = replace(
+                        peer_link,
+                        alias=spec.peer.alias if spec.peer.alias is not None else peer_link.alias,
+                        up=peer_link.up or spec.peer.up,
+                    )
             undo.pop_all()
         # What the kernel just acknowledged, without reading the link back a third
         # time (an RTM_GETLINK and its decode: ~7 ms of a warm ADD in the test VM).

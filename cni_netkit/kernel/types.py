@@ -52,6 +52,9 @@ class Link:
     # IFLA_PARENT_DEV_NAME / _BUS_NAME: set for devices with a bus parent (physical NICs, netdevsim)
     parent_dev: str | None = None
     parent_bus: str | None = None
+    # Only on what ``create_netkit`` returns for a pair: the peer, as the kernel
+    # acknowledged it (``link()`` and ``links()`` leave it None).
+    peer: Link | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class PeerSpec:
     mac: str | None = None
     mtu: int | None = None
     alias: str | None = None
+    up: bool = False  # brought up in the request that sets its alias
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,9 @@ class NetkitSpec:
     # even if the creator dies before the alias is set (rtnetlink ignores
     # IFLA_IFALIAS at creation).
     staging_name: str | None = None
+    # Brought up in that same request (the kernel renames before it changes
+    # flags, and an up device could not be renamed afterwards).
+    up: bool = False
     policy: NetkitPolicy = "forward"
     peer_policy: NetkitPolicy = "forward"
     peer: PeerSpec | None = None  # pairing "pair" only
@@ -157,9 +164,10 @@ class KernelAPI(Protocol):
     ) -> Link:
         """Create the device (and its peer); returns the link in ``spec.netns``.
 
-        ``step(name)`` is called after each kernel request: ``create:made``
-        (the device exists, no alias yet), ``create:named`` (its final name
-        and alias), ``create:peer-named`` (the peer's alias).
+        For a pair, the returned link's ``peer`` is the peer's link. ``step(name)``
+        is called after each kernel request: ``create:made`` (the device exists,
+        no alias yet), ``create:named`` (its final name, alias, and admin state),
+        ``create:peer-named`` (the peer's alias and admin state).
         """
         ...
 

@@ -131,8 +131,6 @@ def add(inv: Invocation, kernel: KernelAPI) -> Result:
             leased = _lease_queues(kernel, cfg, master, pod_link, netns=netns, host_nsid=host_nsid)
         log.info("leased", queues=[q.master_queue for q in leased], netkit_queues=[
             q.netkit_queue for q in leased])
-        # Up before IPAM: the kernel refuses a route whose device is down (ENETDOWN).
-        _bring_up(kernel, pod_link, netns, host_link)
         ipam_result = None
         if cfg.ipam is not None:
             ipam_result = _ipam_add(inv, kernel, pod_link, host_link, undo)
@@ -168,6 +166,9 @@ def _create_netkit(kernel: KernelAPI, cfg: NetConf, att: Attachment) -> tuple[Li
                 alias=alias,
                 # Named after its owner until it has the alias: never unattributable.
                 staging_name=staging_ifname(att.owner),
+                # Up in that request, not one of its own: before IPAM, as the kernel
+                # refuses a route whose device is down (ENETDOWN). Leases don't mind.
+                up=True,
             ),
             step=fault_point,
         )
@@ -181,20 +182,20 @@ def _create_netkit(kernel: KernelAPI, cfg: NetConf, att: Attachment) -> tuple[Li
             mode=cfg.mode,
             mtu=cfg.mtu,
             alias=alias,
+            up=True,  # both sides up in the requests that set their aliases (as single's)
             # Only the peer (non-primary) side of a pair can hold leases: it is the pod side.
             peer=PeerSpec(
                 name=att.device, netns=att.netns, num_rx_queues=n + 1, mac=att.mac, mtu=cfg.mtu,
-                alias=alias,
+                alias=alias, up=True,
             ),
         ),
         # The host side is named after its owner from the start (host_ifname), and
         # its peer goes with it: a pair is attributable before either has an alias.
         step=fault_point,
     )
-    pod = kernel.link(att.device, netns=att.netns)
-    if pod is None:
+    if host.peer is None:
         raise KernelError(f"netkit peer {att.device} missing in {att.netns} right after creation")
-    return pod, host
+    return host.peer, host
 
 
 def _exhausted_why(e: PoolExhausted, rx: Sequence[Queue], pool: Sequence[int]) -> PoolExhausted:
@@ -280,12 +281,6 @@ def _ipam_add(
         gw = route.gw or next((ip.gateway for ip in got.ips if ip.gateway), None)
         kernel.add_route(route.dst, oif=pod.index, gateway=gw, netns=inv.netns)
     return raw
-
-
-def _bring_up(kernel: KernelAPI, pod: Link, netns: str, host: Link | None) -> None:
-    kernel.set_link(pod.index, netns=netns, up=True)
-    if host is not None:
-        kernel.set_link(host.index, up=True)
 
 
 # --- DEL -----------------------------------------------------------------------

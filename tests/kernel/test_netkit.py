@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -80,22 +81,31 @@ def test_pair_l3_netkit_reads_back_on_both_sides(
 def test_a_netkit_made_under_a_staging_name_is_returned_as_the_kernel_has_it(
     kernel: Kernel, make_netns: Callable[[], str], defer: Defer, pairing: str
 ) -> None:
-    """create_netkit returns the renamed, aliased link without reading it back: it must
-    equal what the kernel reports afterwards, field for field."""
+    """create_netkit returns the renamed, aliased, up link (and a pair's peer) without
+    reading it back: they must equal what the kernel reports afterwards, field for field.
+    Renamed and brought up in one request: the kernel renames first (an up device
+    could not be renamed)."""
     pod = make_netns()
     peer = None
     if pairing == "pair":
-        peer = PeerSpec(name="nks-peer0", netns=pod, num_rx_queues=2, alias="peer alias")
+        peer = PeerSpec(name="nks-peer0", netns=pod, num_rx_queues=2, alias="peer alias",
+                        up=True)
     spec = NetkitSpec(
         name="nks0" if pairing == "pair" else "eth0", netns=None if peer else pod,
         pairing=pairing, mode="l2", num_rx_queues=1 if peer else 2, alias="owner alias",
-        staging_name="nkstage0", peer=peer,
+        staging_name="nkstage0", peer=peer, up=True,
     )
     created = kernel.create_netkit(spec)
     defer(kernel.delete_link, created.index, netns=spec.netns)
-    assert (created.name, created.alias) == (spec.name, "owner alias")
-    assert kernel.link(created.index, netns=spec.netns) == created
+    assert (created.name, created.alias, created.up) == (spec.name, "owner alias", True)
+    assert kernel.link(created.index, netns=spec.netns) == replace(created, peer=None)
     assert kernel.link("nkstage0", netns=spec.netns) is None
+    if peer is None:
+        assert created.peer is None
+    else:
+        assert created.peer is not None
+        assert (created.peer.alias, created.peer.up) == ("peer alias", True)
+        assert kernel.link("nks-peer0", netns=pod) == created.peer
 
 
 def test_pair_l2_peer_gets_its_mac(kernel: Kernel, defer: Defer) -> None:

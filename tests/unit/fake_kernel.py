@@ -143,15 +143,22 @@ class FakeKernel:
             pfl = self._add(peer, p.netns)
             fl.peer_index, pfl.peer_index = peer.index, main.index
         for name in ("create:made", "create:named", "create:peer-named"):
+            if name == "create:peer-named" and (pfl is None or spec.peer is None):
+                break
+            if name != "create:made":
+                try:
+                    # the naming requests are set_links, and a failed one undoes the creation
+                    self._maybe_fail("set_link")
+                except Exception:
+                    self._delete(main.index)
+                    raise
             if name == "create:named":
-                fl.link = replace(fl.link, name=spec.name, alias=spec.alias)
-            elif name == "create:peer-named":
-                if pfl is None or spec.peer is None:
-                    break
-                pfl.link = replace(pfl.link, alias=spec.peer.alias)
+                fl.link = replace(fl.link, name=spec.name, alias=spec.alias, up=spec.up)
+            elif name == "create:peer-named" and pfl is not None and spec.peer is not None:
+                pfl.link = replace(pfl.link, alias=spec.peer.alias, up=spec.peer.up)
             if step is not None:
                 step(name)
-        return fl.link
+        return replace(fl.link, peer=pfl.link if pfl is not None else None)
 
     def set_link(self, index: int, *, netns: str | None = None, up: bool | None = None,
                  mac: str | None = None, mtu: int | None = None, alias: str | None = None,

@@ -160,6 +160,20 @@ def test_pair_mode_leases_on_the_pod_side_peer(kernel: FakeKernel, state: Path) 
     assert [i["name"] for i in res.encode("1.1.0")["interfaces"]] == [host.name, "net1"]
 
 
+@pytest.mark.parametrize(("pairing", "set_links"), [("single", 1), ("pair", 2)])
+def test_add_names_and_brings_up_each_side_in_one_request(
+    kernel: FakeKernel, state: Path, pairing: str, set_links: int
+) -> None:
+    """Every RTM_NEWLINK/GETLINK is ~2-5 ms in the test VM: the alias, the final name and
+    IFF_UP go in one request per side, and the pod side is looked up only to refuse a
+    name already taken (``create_netkit`` returns a pair's peer)."""
+    commands.add(inv("ADD", state, pairing=pairing), kernel)
+    assert all(link.up for link in kernel.links_in(POD))
+    assert all(link.up for link in kernel.links_in(None) if link.kind == "netkit")
+    assert kernel.calls.count("set_link") == set_links
+    assert kernel.link_lookups.count(("net1", POD)) == 1
+
+
 def test_del_removes_device_record_and_is_idempotent(kernel: FakeKernel, state: Path) -> None:
     commands.add(inv("ADD", state), kernel)
     commands.delete(inv("DEL", state), kernel)
