@@ -414,3 +414,40 @@ def test_a_memo_decodes_an_answer_once_per_distinct_bytes(monkeypatch: pytest.Mo
     fake.replies.append(dump(5, other, [*other, lease_nest(1)]))
     assert sock.request(queue_request(), 0x1D, 0x300, parse=parse, memo=memo)[1].lease
     assert len(memo) == 1
+
+
+def test_a_request_sent_again_is_not_encoded_again_but_numbered_anew(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The master's GETLINK, its queue dump and RSS table repeat on every ADD, each ADD on
+    # sockets of its own: the process keeps their encoding, and a socket packs only the
+    # header (length, type, flags, its own sequence number).
+    monkeypatch.setattr("cni_netkit.kernel.rawnl._encoded", {})
+    fake = FakeNetlink([nlmsgerr(seq, 0, None) for seq in range(1, 4)])
+    sock = NetlinkSocket(fake)  # type: ignore[arg-type]
+    encoded = 0
+    real = netdev_queue_msg.encode
+
+    def counting(self: Any) -> Any:
+        nonlocal encoded
+        encoded += 1
+        return real(self)
+
+    monkeypatch.setattr(netdev_queue_msg, "encode", counting)
+
+    def other_queue() -> Any:
+        msg = queue_request()
+        msg["attrs"] = [("NETDEV_A_QUEUE_ID", 3)]
+        return msg
+
+    for msg in (queue_request(), queue_request(), other_queue()):
+        assert sock.request(msg, 0x1D) == []
+    later = FakeNetlink([nlmsgerr(1, 0, None)])  # the next ADD's socket
+    assert NetlinkSocket(later).request(queue_request(), 0x1D) == []  # type: ignore[arg-type]
+    assert encoded == 2  # the repeated request once, the one with another field once
+    first, again, other = fake.sent
+    (last,) = later.sent
+    assert first[8:12] != again[8:12] and again[12:] == first[12:] == last[12:]
+    assert struct.unpack_from("=IHHI", again) == (len(first), 0x1D, 0x5, 2)
+    assert struct.unpack_from("=I", last, 8) == (1,)
+    assert other != first and struct.unpack_from("=I", other) == (len(other),)
