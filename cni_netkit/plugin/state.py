@@ -16,6 +16,7 @@ then act on what the request (and the device's owner alias) tells them and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -265,19 +266,29 @@ class StateStore:
             private_dir(self.dir)
             self._dirs_checked = self._check_once
         final = self.path(att.owner)
+        # Encoded whole, written with one write(2), on str paths: json.dump through
+        # a text file and pathlib's calls around it cost ~3 ms a save in the test VM
+        # (78 us on a host, 42 us like this; most of the difference is pathlib).
+        data = json.dumps(att.to_json()).encode()
         # Unique per process and thread: the agent serves requests (two of them
         # may be for one owner) from threads of one process.
-        tmp = final.with_suffix(f".tmp.{os.getpid()}.{threading.get_native_id()}")
-        tmp.unlink(missing_ok=True)  # a killed run's leftover with our ids (never followed)
+        tmp = f"{final.parent}/{final.stem}.tmp.{os.getpid()}.{threading.get_native_id()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # noqa: PTH108 - a killed run's leftover with our ids (never followed)
         fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(att.to_json(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(final)  # rename(2) replaces a symlink at ``final``, never follows it
-        finally:
-            tmp.unlink(missing_ok=True)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)  # noqa: PTH105 - rename(2) replaces a symlink, never follows it
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # noqa: PTH108
+            raise
 
     def load(self, owner: Owner) -> Attachment | None:
         """``owner``'s record, None if there is none; CorruptRecord if it is unreadable."""
