@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import contextvars
+import gc
 import io
 import json
 import os
@@ -497,6 +498,11 @@ def warm_up() -> None:
             kernel.probe()  # looks the netdev family up (cached for the process)
     except Exception as e:  # noqa: BLE001 - warming up is an optimisation, never a failure
         log.info("netlink warm-up skipped", error=str(e))
+    # What start-up loaded lives as long as the process (modules, pydantic's
+    # validators, pyroute2's classes): out of the cyclic collector's sight, so
+    # that a full collection during a request does not walk all of it again.
+    gc.collect()
+    gc.freeze()
 
 
 def _listen(path: Path) -> socket.socket:
