@@ -48,3 +48,11 @@ def private_dir(path: str | os.PathLike[str]) -> Path:
 def open_private(path: str | os.PathLike[str], flags: int) -> int:
     """``os.open`` with O_NOFOLLOW|O_CLOEXEC; a new file is created 0600."""
     return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+
+
+def write_synced(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (write(2) may take part of it) and fsync it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)

@@ -35,6 +35,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from cni_netkit.plugin.files import write_synced
 from cni_netkit.plugin.state import Attachment, Owner
 from cni_netkit.result import consumer_fields
 
@@ -128,10 +129,7 @@ def write(directory: Path, att: Attachment) -> Path:
         try:
             try:
                 os.fchmod(fd, FILE_MODE)  # whatever the umask
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
+                write_synced(fd, data)
             finally:
                 os.close(fd)
             os.replace(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from cni_netkit.plugin.files import open_private, private_dir
+from cni_netkit.plugin.files import open_private, private_dir, write_synced
 from cni_netkit.result import NetkitQueue, NetkitResult
 
 # The record format written now; older (or newer) ones are read as far as they go.
@@ -278,10 +278,7 @@ class StateStore:
         fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                write_synced(fd, data)
             finally:
                 os.close(fd)
             os.replace(tmp, final)  # noqa: PTH105 - rename(2) replaces a symlink, never follows it
